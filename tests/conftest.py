@@ -1,0 +1,37 @@
+import os
+
+import pytest
+import torch
+
+import bd3lm
+
+REFERENCE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'bd3lm_tiny_bs4')
+
+
+def random_model(seed=0, **overrides):
+    """A tiny BD3LM whose every parameter is random (the real init zeroes adaLN and the output layer,
+    which would hide bugs behind zeros)."""
+    fields = dict(block_size=4, vocab_size=37, model_length=16, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = bd3lm.BD3LM(bd3lm.BD3LMConfig(**fields))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def random_tokens(model, batch_size=3, length=None, seed=0):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, cfg.vocab_size - 1, (batch_size, length or cfg.model_length), generator=g)
+    x0[:, 0] = cfg.vocab_size - 2  # a BOS-like token
+    return x0
+
+
+@pytest.fixture(scope='session')
+def reference():
+    path = os.path.join(REFERENCE, 'reference.pt')
+    if not os.path.exists(path):
+        pytest.skip('the shared reference fixtures are not next to this checkout')
+    return torch.load(path, weights_only=False)
