@@ -1,0 +1,108 @@
+"""Training throughput: forward + backward + AdamW through model.nelbo, in tokens/s.
+
+    python benchmarks/train_speed.py                       # 4 layers x 256 wide, L=256, batch 8, GPT-2 vocab
+    python benchmarks/train_speed.py --official=PATH        # also time the official bd3lms backbone
+    python benchmarks/train_speed.py --device=cuda --n_blocks=12 --hidden_dim=768 --model_length=1024 \
+        --batch_size=16 --dtype=bfloat16 --compile=1        # GPU: FlexAttention vs SDPA
+
+--official points at a folder holding bd3lms' models/hf/{modeling,configuration}_bd3lm.py (needs
+transformers and einops). Its objective is the official one: the backbone projects all 2L positions of
+cat([xt, x0]) to the vocabulary, keeps the xt half, applies SUBS and weights -log p by 1/t.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+import bd3lm  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument('--n_blocks', type=int, default=4)
+p.add_argument('--hidden_dim', type=int, default=256)
+p.add_argument('--n_heads', type=int, default=4)
+p.add_argument('--model_length', type=int, default=256)
+p.add_argument('--block_size', type=int, default=16)
+p.add_argument('--batch_size', type=int, default=8)
+p.add_argument('--steps', type=int, default=6)
+p.add_argument('--device', default='cpu')
+p.add_argument('--dtype', default='float32')
+p.add_argument('--compile', type=int, default=0)
+p.add_argument('--official', default=None)
+args = p.parse_args()
+
+config = bd3lm.BD3LMConfig(block_size=args.block_size, model_length=args.model_length, hidden_dim=args.hidden_dim,
+                           cond_dim=128, n_blocks=args.n_blocks, n_heads=args.n_heads, dropout=0.0)
+B, L = args.batch_size, args.model_length
+autocast = torch.autocast(args.device.split(':')[0], dtype=getattr(torch, args.dtype),
+                          enabled=args.dtype != 'float32')
+x0 = torch.randint(0, 50257, (B, L), device=args.device)
+x0[:, 0] = bd3lm.BOS_ID
+
+
+def time_steps(loss_fn, params):
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for i in range(args.steps + 2):        # the first two steps are warm-up (allocation, compilation)
+        if args.device.startswith('cuda'):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if args.device.startswith('cuda'):
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return B * L / times[len(times) // 2]   # median step
+
+
+def ours(backend):
+    torch.manual_seed(0)
+    model = bd3lm.BD3LM(config).to(args.device).use_flex_attention(backend == 'flex').train()
+    step = torch.compile(model.nelbo) if args.compile else model.nelbo
+    return time_steps(lambda: step(x0), model.parameters())
+
+
+def official():
+    import importlib
+    folder = os.path.abspath(args.official)
+    sys.path.insert(0, os.path.dirname(folder))          # the folder is a package (relative imports)
+    package = os.path.basename(folder)
+    Official = importlib.import_module(f'{package}.modeling_bd3lm').BD3LM
+    OfficialConfig = importlib.import_module(f'{package}.configuration_bd3lm').BD3LMConfig
+    torch.manual_seed(0)
+    model = Official(OfficialConfig(attn_backend='sdpa', block_size=config.block_size, model_length=L,
+                                    hidden_dim=config.hidden_dim, cond_dim=config.cond_dim, n_blocks=config.n_blocks,
+                                    n_heads=config.n_heads, dropout=0.0, vocab_size=config.vocab_size)).to(args.device).train()
+    mask_id = config.mask_id
+
+    def loss():
+        t = bd3lm.sample_t(B, L // config.block_size, device=args.device).repeat_interleave(config.block_size, 1)
+        xt = bd3lm.q_xt(x0, t, mask_id, config.block_size)
+        logits = model(input_ids=torch.cat([xt, x0], 1), timesteps=torch.zeros(B, device=args.device), return_dict=False)
+        logits[:, :, mask_id] += -1e6
+        logits = logits - logits.logsumexp(-1, keepdim=True)
+        unmasked = xt != mask_id
+        logits[unmasked] = -1e6
+        logits[unmasked, xt[unmasked]] = 0
+        log_p = logits.gather(-1, x0[..., None]).squeeze(-1)
+        return (-log_p / t)[:, 1:].mean()
+    return time_steps(loss, model.parameters())
+
+
+print(f'{config.n_blocks} layers x {config.hidden_dim} wide, L={L}, batch {B}, vocab {config.vocab_size}, '
+      f'{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads')
+results = {'bd3lm.py (SDPA)': ours('sdpa')}
+if args.device.startswith('cuda'):
+    results['bd3lm.py (FlexAttention)'] = ours('flex')
+if args.official:
+    results['official bd3lms backbone (SDPA)'] = official()
+base = results.get('official bd3lms backbone (SDPA)', results['bd3lm.py (SDPA)'])
+for name, tps in results.items():
+    print(f'{name:34s} {tps:10.0f} tokens/s   {tps / base:5.2f}x')
