@@ -323,7 +323,16 @@ class BD3LM(nn.Module):
 
     def _mask(self, kind, L):
         # Masks are built once per (kind, length, device) and reused: (dense bool, FlexAttention BlockMask).
+        # The inference mask of a shorter sequence is the top-left corner of a longer one, so with SDPA
+        # one mask serves every length (the uncached sampler asks for a new length every block).
         device = self.vocab_embed.embedding.device
+        if kind == 'infer' and self.attn_backend == 'sdpa':
+            dense = self._masks.get(('infer', device))
+            if dense is None or dense.shape[0] < L:
+                idx = torch.arange(max(L, self.config.model_length), device=device)
+                dense = block_causal_mask_mod(idx[:, None], idx[None, :], self.config.block_size, self.config.model_length)
+                self._masks[('infer', device)] = dense
+            return dense[:L, :L], None
         key = (kind, L, device, self.attn_backend)
         if key not in self._masks:
             bs, window = self.config.block_size, self.config.model_length
@@ -711,10 +720,17 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
         start = max(0, lo - reach)
         return model._hidden(x[:, start:hi], sigma_of(t), torch.arange(start, hi, device=device))[:, -bs:]
 
-    def denoiser_probs(lo, t):
+    def denoiser_probs(lo, t, j=None):
+        # p_theta(x0 | xt) over the block, (B, bs, V) in float64; only at position j (B, V) if given,
+        # which spares the vocabulary projection of the other positions.
         stats['nfe'] += 1
-        c = model._cond(x, sigma_of(t), per_token=True)
-        logits = model.output_layer(block_hidden(lo, t), c).double()     # (B, bs, V)
+        h = block_hidden(lo, t)
+        c = model._cond(x, sigma_of(t))
+        if j is not None:
+            h = h[torch.arange(B, device=device), j]
+        elif c is not None:
+            c = c[:, None]
+        logits = model.output_layer(h, c).double()
         logits[..., mask_id] = -float('inf')
         return _nucleus(logits.softmax(-1), top_p)
 
@@ -734,11 +750,10 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
                 n = active.sum(-1)
                 u = torch.rand(B, dtype=torch.float64, device=device, generator=generator)
                 t = torch.where(n > 0, t * u ** (1 / n.clamp(min=1)), t)
-                probs = denoiser_probs(lo, t.float())
                 score = torch.rand(B, bs, device=device, generator=generator).masked_fill(~active, -1)
                 j = score.argmax(-1)                                          # a uniform masked position
                 rows = torch.arange(B, device=device)
-                token = _sample_categorical(probs[rows, j], generator)
+                token = _sample_categorical(denoiser_probs(lo, t.float(), j), generator)
                 reveal = active[rows, j]
                 x[rows[reveal], lo + j[reveal]] = token[reveal]
                 active[rows, j] = False

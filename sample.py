@@ -1,0 +1,89 @@
+"""
+Sample from a BD3-LM: released weights, a bd3lms Lightning checkpoint or a train.py out_dir.
+
+    python sample.py --init_from=kuleshov-group/bd3lm-owt-block_size16 --start="The meaning of life"
+    python sample.py --init_from=out-demo --num_samples=3 --max_new_tokens=128 --steps=4
+"""
+import codecs
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import bd3lm
+
+# -----------------------------------------------------------------------------
+init_from = 'out-demo'  # hub id, HF-layout folder, Lightning .ckpt, or a train.py out_dir
+start = ''              # prompt text, or FILE:path to read it from a file; BOS is always prepended
+num_samples = 1
+max_new_tokens = 256
+steps = None            # None: first-hitting (one token per model call); K: K denoising steps per block
+top_p = 0.9             # nucleus sampling
+stop_at_eos = False     # stop a sample at the first EOS it generates
+stop_entropy = None     # e.g. 4.0: stop when the last 256 tokens' unigram entropy falls below this
+seed = 1337
+device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'          # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
+compile = False         # torch.compile the transformer pass
+kv_cache = True
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if dtype == 'auto':
+    dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+torch.manual_seed(seed)
+generator = torch.Generator(device=device).manual_seed(seed)
+
+model = bd3lm.BD3LM.from_pretrained(init_from, device=device).to(getattr(torch, dtype))
+if compile:
+    model._run = torch.compile(model._run, dynamic=True)   # the per-block transformer pass
+enc = bd3lm.get_tokenizer()
+if start.startswith('FILE:'):
+    with open(start[5:], encoding='utf-8') as f:
+        start = f.read()
+prompt = [bd3lm.BOS_ID] + enc.encode(start, allowed_special='all')
+idx = torch.tensor([prompt] * num_samples, device=device)
+cfg = model.config
+print(f'{init_from}: block_size={cfg.block_size}, context {cfg.model_length}, '
+      f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device} {dtype}', file=sys.stderr)
+
+# Stream the first sample block by block as it is generated (decoding bytes incrementally, since a block
+# boundary can split a multi-byte character); the progress bar goes to stderr.
+n_blocks = -(-(len(prompt) + max_new_tokens) // cfg.block_size) - len(prompt) // cfg.block_size
+bar = tqdm(total=n_blocks, desc='blocks', unit='block', file=sys.stderr, leave=False)
+decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+printed = [len(prompt)]
+if num_samples == 1:
+    sys.stdout.write(start)
+
+
+def on_block(x, end):
+    bar.update(1)
+    if num_samples == 1:
+        new = [t for t in x[0, printed[0]:end].tolist() if t != bd3lm.EOS_ID]
+        sys.stdout.write(decoder.decode(enc.decode_bytes(new)))
+        sys.stdout.flush()
+        printed[0] = end
+
+
+t0 = time.perf_counter()
+out, stats = model.generate(idx, max_new_tokens, steps=steps, top_p=top_p, kv_cache=kv_cache, generator=generator,
+                            stop_at_eos=stop_at_eos, stop_entropy=stop_entropy, on_block=on_block, return_stats=True)
+if device.startswith('cuda'):
+    torch.cuda.synchronize()
+elapsed = time.perf_counter() - t0
+bar.close()
+if num_samples == 1:
+    print()
+else:
+    for i in range(num_samples):
+        tokens = out[i, :int(stats['lengths'][i])].tolist()
+        print(f'---------- sample {i + 1}')
+        print(enc.decode([t for t in tokens if t != bd3lm.EOS_ID]))
+new_tokens = int((stats['lengths'] - len(prompt)).sum())
+print(f'---------- {new_tokens} tokens in {elapsed:.2f}s ({new_tokens / elapsed:.1f} tokens/s), '
+      f'{stats["nfe"]} model calls (NFEs)', file=sys.stderr)
