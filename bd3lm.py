@@ -608,10 +608,10 @@ def clip_intervals(widths, delta=0.05, eps=1e-3):
     intervals = [(eps, 1.0)]
     for w in widths:
         for i in range(int(round((1 - w) / delta)) + 1):
-            beta = max(round(i * delta, 6), eps)
-            omega = min(round(beta + w, 6), 1.0) if beta > eps else min(round(i * delta + w, 6), 1.0)
-            if (beta, omega) not in intervals and omega > beta:
-                intervals.append((beta, omega))
+            start = round(i * delta, 6)
+            interval = (max(start, eps), min(round(start + w, 6), 1.0))
+            if interval not in intervals:
+                intervals.append(interval)
     return intervals
 
 

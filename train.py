@@ -1,0 +1,371 @@
+"""
+Train a BD3-LM. With no arguments this is the CPU demo: it prepares the embedded corpus (Python's own
+documentation) if needed, trains a small model for a few minutes, and prints samples.
+
+    python train.py                                           # the demo, CPU, offline
+    python train.py config/owt_mdlm_pretrain.py               # the paper's MDLM pretraining (GPU)
+    python train.py config/owt_bd3lm_finetune.py --block_size=4
+    torchrun --standalone --nproc_per_node=8 train.py config/owt_bd3lm_finetune.py
+
+Settings are the module globals below, overridden by config/*.py files and --key=value flags.
+out_dir is both a resume point (ckpt.pt) and a model folder (config.json + model.safetensors, EMA
+weights) that BD3LM.from_pretrained(out_dir) and sample.py --init_from=out_dir load.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import bd3lm
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out-demo'
+init_from = 'scratch'       # 'scratch', 'resume' (from out_dir), or a model to fine-tune: hub id, folder, .ckpt
+eval_interval = 125
+eval_iters = 10             # validation batches per evaluation
+log_interval = 25
+always_save_checkpoint = True
+# data
+dataset = 'python_docs'     # <data_dir>/<dataset>/{train,val}.bin, made by prepare.py
+data_dir = 'data'
+batch_size = 16             # micro-batch size
+gradient_accumulation_steps = 1
+# model
+block_size = 16
+model_length = 128          # training context L
+n_blocks = 4
+n_heads = 4
+hidden_dim = 128
+cond_dim = 64
+dropout = 0.0
+time_conditioning = False
+# loss
+noise_schedule = 'loglinear'
+sampling_eps_min = 1e-3     # training noise interval [beta, omega]; replaced by the search when clip_search
+sampling_eps_max = 1.0
+clip_search = True          # the data-driven clipped schedule (Sec. 5.2), run at every evaluation
+clip_search_widths = '0.5'  # the paper: '0.25,0.5,0.75' (config/owt_*.py); one width keeps the CPU demo quick
+clip_search_delta = 0.1     # the paper: 0.05
+clip_search_iters = 2       # validation batches per interval in the search (it evaluates every candidate)
+resample = False            # resample block masks whose masked fraction falls outside [beta, omega]
+# optimizer
+learning_rate = 2e-3
+max_iters = 250
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0
+warmup_iters = 25
+lr_decay = 'cosine'         # 'constant' or 'cosine' (down to min_lr at lr_decay_iters)
+lr_decay_iters = 250
+min_lr = 2e-4
+ema = 0.999                 # EMA decay; evaluation, samples and saved weights use the EMA (0 disables it)
+# run
+max_minutes = 9.0           # stop after this many minutes (0: no limit); a checkpoint is written
+num_samples = 3             # samples printed at the end
+sample_tokens = 96
+seed = 1337
+device = 'auto'             # 'auto', 'cpu', 'cuda', ...
+dtype = 'auto'              # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16'
+compile = False             # torch.compile the training step (CUDA)
+flex_attention = 'auto'     # 'auto' (on CUDA), True, False
+wandb_log = False
+wandb_project = 'bd3lm'
+wandb_run_name = 'run'
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+settings = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+# -----------------------------------------------------------------------------
+
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if ddp:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        raise SystemExit(f'gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the '
+                         f'{world_size} processes')
+    gradient_accumulation_steps //= world_size
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+if model_length % block_size:
+    raise SystemExit(f'model_length={model_length} is not a multiple of block_size={block_size}; '
+                     f'pick a block_size that divides it (e.g. --block_size=16)')
+torch.manual_seed(seed + rank)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# --- data --------------------------------------------------------------------------------------------
+data_dir = os.path.join(data_dir, dataset)
+if not os.path.exists(os.path.join(data_dir, 'train.bin')):
+    if dataset == 'python_docs':  # the demo's embedded corpus: prepare it on the spot
+        if master:
+            import prepare
+            prepare.prepare_python_docs(os.path.dirname(data_dir))
+        if ddp:
+            dist.barrier()
+    else:
+        raise SystemExit(f'dataset {dataset!r} not found: {data_dir}/train.bin is missing. Make it with '
+                         f'`python prepare.py --dataset={dataset}` or `python prepare.py --input=PATH --name={dataset}`')
+data = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') for split in ('train', 'val')}
+for split, tokens in data.items():
+    if len(tokens) < model_length:
+        raise SystemExit(f'{data_dir}/{split}.bin holds {len(tokens)} tokens, fewer than model_length={model_length}')
+# Separate generators for the data and the noise, saved in checkpoints so that --resume continues exactly.
+data_gen = torch.Generator().manual_seed(seed + rank)
+noise_gen = torch.Generator(device).manual_seed(seed + 1000 + rank)
+
+
+def get_batch(split, generator=data_gen):
+    # Random windows of the document stream, each starting with BOS (documents are EOS-separated).
+    tokens = data[split]
+    ix = torch.randint(len(tokens) - model_length + 1, (batch_size,), generator=generator)
+    x = torch.from_numpy(np.stack([tokens[i:i + model_length - 1].astype(np.int64) for i in ix.tolist()]))
+    x = torch.cat([torch.full((batch_size, 1), bd3lm.BOS_ID), x], dim=1)
+    return x.to(device, non_blocking=True)
+
+# --- model ---------------------------------------------------------------------------------------------
+config = bd3lm.BD3LMConfig(block_size=block_size, model_length=model_length, hidden_dim=hidden_dim, cond_dim=cond_dim,
+                           n_blocks=n_blocks, n_heads=n_heads, dropout=dropout, time_conditioning=time_conditioning)
+iter_num, best_val_loss, checkpoint = 0, float('inf'), None
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f'--init_from=resume: no checkpoint at {ckpt_path}')
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    config = bd3lm.BD3LMConfig(**checkpoint['model_args'])
+    model = bd3lm.BD3LM(config)
+    model.load_state_dict(checkpoint['model'])
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+elif init_from == 'scratch':
+    model = bd3lm.BD3LM(config)
+    # DiT initialisation: adaLN modulations and the output layer start at zero (each block starts as
+    # the identity and the first predictions are uniform).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'adaLN_modulation' in name or name.startswith('output_layer.linear'):
+                p.zero_()
+else:  # fine-tune: the pretrained weights, loaded strictly into this run's config (e.g. a new block_size)
+    pretrained = bd3lm.BD3LM.from_pretrained(init_from)
+    try:
+        model = bd3lm._build(bd3lm.BD3LM, config, pretrained.state_dict(), 'cpu', f'init_from={init_from}')
+    except ValueError as e:
+        raise SystemExit(f'{e}\nSet n_blocks/n_heads/hidden_dim/cond_dim to the pretrained model\'s: {pretrained.config}')
+    model.train()
+if init_from != 'resume':
+    model.sampling_eps_min.fill_(sampling_eps_min)
+    model.sampling_eps_max.fill_(sampling_eps_max)
+model.to(device)
+use_flex = device_type == 'cuda' if flex_attention == 'auto' else bool(flex_attention)
+model.use_flex_attention(use_flex)
+n_params = sum(p.numel() for p in model.parameters())
+if master:
+    print(f'{n_params / 1e6:.2f}M parameters, {config}, attention: {"flex" if use_flex else "sdpa"}, {device} {dtype}')
+
+ema_params = [p.detach().clone() for p in model.parameters()] if ema > 0 else None
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                              fused=device_type == 'cuda')
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if ema_params is not None:
+        for e, saved in zip(ema_params, checkpoint['ema']):
+            e.copy_(saved)
+    data_gen.set_state(checkpoint['data_gen'])
+    noise_gen.set_state(checkpoint['noise_gen'].to(noise_gen.get_state().device))
+    torch.set_rng_state(checkpoint['torch_rng'])
+
+
+class NELBO(torch.nn.Module):
+    """The loss as a module, so DDP sees a forward() and syncs gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0):
+        return self.model.nelbo(x0, schedule=noise_schedule, resample=resample, generator=noise_gen)
+
+
+loss_module = NELBO(model)
+if compile:
+    loss_module = torch.compile(loss_module)
+if ddp:
+    loss_module = DDP(loss_module, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+
+class ema_weights:
+    """Context: swap the EMA weights in (evaluation, sampling, saving), restore the raw ones after."""
+
+    def __enter__(self):
+        if ema_params is not None:
+            self.raw = [p.detach().clone() for p in model.parameters()]
+            for p, e in zip(model.parameters(), ema_params):
+                p.data.copy_(e)
+
+    def __exit__(self, *exc):
+        if ema_params is not None:
+            for p, r in zip(model.parameters(), self.raw):
+                p.data.copy_(r)
+
+
+@torch.no_grad()
+def evaluate():
+    """Validation NELBO on the full interval [1e-3, 1] (the paper's reported bound), EMA weights, and
+    the clipped-schedule search on the same batches."""
+    model.eval()
+    gen = torch.Generator().manual_seed(0)          # the same validation batches every time
+    noise = torch.Generator(device).manual_seed(0)
+    batches = [get_batch('val', gen) for _ in range(eval_iters)]
+    out = {}
+    with ema_weights(), autocast:
+        losses = [model.nelbo(x, interval=(1e-3, 1.0), schedule=noise_schedule, generator=noise).item() for x in batches]
+        out['val_nelbo'] = sum(losses) / len(losses)
+        if clip_search and block_size > 1:
+            widths = [float(w) for w in str(clip_search_widths).split(',')]
+            best, variances = bd3lm.search_clip_interval(model, batches[:clip_search_iters], widths, clip_search_delta,
+                                                         noise_schedule, noise)
+            out['clip_interval'], out['clip_variances'] = best, variances
+    model.train()
+    return out
+
+
+def lr_at(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    if lr_decay == 'constant' or it >= lr_decay_iters:
+        return learning_rate if lr_decay == 'constant' else min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    """ckpt.pt (everything needed to resume exactly) and the EMA model as config.json + model.safetensors.
+    Every file is written to a temporary name and renamed, so a crash never leaves a broken file."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': asdict(config),
+             'ema': ema_params, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': settings,
+             'data_gen': data_gen.get_state(), 'noise_gen': noise_gen.get_state().cpu(),
+             'torch_rng': torch.get_rng_state(), 'next_batch': x0.cpu()}
+    bd3lm._atomic_write(ckpt_path, lambda p: torch.save(state, p))
+    with ema_weights():
+        model.save_pretrained(out_dir)
+
+
+def mfu(tokens_per_second):
+    # Model FLOPs utilisation against an H100's dense bf16 peak: 6 flops per parameter per token of the
+    # 2L-long pass (both halves), plus attention over the block-diffusion mask (counted dense).
+    n_layer_params = n_params - 2 * config.vocab_size * config.hidden_dim
+    flops_per_token = 6 * n_layer_params * 2 + 12 * config.n_blocks * config.hidden_dim * 2 * model_length
+    flops_per_token += 6 * config.vocab_size * config.hidden_dim * 0.5  # the masked half projected to the vocab
+    return tokens_per_second * flops_per_token / 989e12
+
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=settings)
+
+# --- training loop -----------------------------------------------------------------------------------------
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * model_length
+if master:
+    print(f'{tokens_per_iter:,} tokens per iteration; training iterations {iter_num} -> {max_iters}')
+start_time = time.time()
+bar = tqdm(total=max_iters, initial=iter_num, desc='training', unit='it', disable=not master, mininterval=5)
+t_last, tokens_since = time.time(), 0
+x0 = get_batch('train') if checkpoint is None else checkpoint['next_batch'].to(device)
+checkpoint = None
+while iter_num < max_iters:
+    if iter_num % eval_interval == 0 and master:
+        stats = evaluate()
+        line = f'iter {iter_num}: val NELBO {stats["val_nelbo"]:.4f} (ppl <= {math.exp(stats["val_nelbo"]):.2f})'
+        if 'clip_interval' in stats:
+            beta, omega = stats['clip_interval']
+            model.sampling_eps_min.fill_(beta)
+            model.sampling_eps_max.fill_(omega)
+            line += f', clipped schedule [{beta:.3f}, {omega:.3f}] (NELBO variance {stats["clip_variances"][stats["clip_interval"]]:.3f} vs {stats["clip_variances"][(1e-3, 1.0)]:.3f} on [1e-3, 1])'
+        tqdm.write(line)
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'val/nelbo': stats['val_nelbo'], 'val/ppl': math.exp(stats['val_nelbo']),
+                       'sampling_eps_min': float(model.sampling_eps_min), 'sampling_eps_max': float(model.sampling_eps_max)})
+        best_val_loss = min(best_val_loss, stats['val_nelbo'])
+        if iter_num > 0 and always_save_checkpoint:
+            save_checkpoint()
+    if ddp:  # every rank trains on the interval rank 0 chose
+        dist.broadcast(model.sampling_eps_min, 0)
+        dist.broadcast(model.sampling_eps_max, 0)
+
+    lr = lr_at(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:  # sync gradients on the last micro-step only
+            loss_module.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with autocast:
+            loss = loss_module(x0) / gradient_accumulation_steps
+        x0 = get_batch('train')  # fetch the next batch while the GPU works
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema_params is not None:  # the bd3lms EMA, with its warm-up of the decay
+        decay = min(ema, (1 + iter_num + 1) / (10 + iter_num + 1))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+    iter_num += 1
+    tokens_since += tokens_per_iter
+    bar.update(1)
+    if iter_num % log_interval == 0 and master:
+        elapsed = time.time() - t_last
+        tps = tokens_since / elapsed
+        line = f'iter {iter_num}: loss {loss.item() * gradient_accumulation_steps:.4f}, lr {lr:.2e}, {tps:,.0f} tokens/s'
+        if device_type == 'cuda':
+            line += f', MFU {100 * mfu(tps / world_size):.1f}%'
+        tqdm.write(line)
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/loss': loss.item() * gradient_accumulation_steps, 'lr': lr, 'tokens_per_s': tps})
+        t_last, tokens_since = time.time(), 0
+    if max_minutes and time.time() - start_time > 60 * max_minutes:
+        if master:
+            tqdm.write(f'stopping after {max_minutes} minutes at iteration {iter_num}')
+        break
+bar.close()
+
+if master:
+    stats = evaluate()
+    best_val_loss = min(best_val_loss, stats['val_nelbo'])
+    print(f'final: val NELBO {stats["val_nelbo"]:.4f} nats/token (ppl <= {math.exp(stats["val_nelbo"]):.2f}), '
+          f'{iter_num} iterations, {(time.time() - start_time) / 60:.1f} min')
+    save_checkpoint()
+    with open(os.path.join(out_dir, 'final.json'), 'w') as f:
+        json.dump({'val_nelbo': stats['val_nelbo'], 'val_ppl': math.exp(stats['val_nelbo']), 'iter': iter_num,
+                   'minutes': (time.time() - start_time) / 60}, f)
+    if num_samples > 0:
+        enc = bd3lm.get_tokenizer()
+        with ema_weights():
+            model.eval()
+            out = model.generate(torch.full((num_samples, 1), bd3lm.BOS_ID, device=device), sample_tokens,
+                                 top_p=0.9, generator=torch.Generator(device).manual_seed(seed))
+        for i, row in enumerate(out.tolist()):
+            print(f'---------- sample {i + 1}')
+            print(enc.decode([t for t in row[1:] if t != bd3lm.EOS_ID]))
+if ddp:
+    dist.destroy_process_group()
