@@ -966,13 +966,20 @@ def _load_lightning(cls, path, device):
     model_cfg = hp.get('model', {})
     algo_cfg = hp.get('algo', {})
     get = lambda section, key: _resolve(hp, section.get(key))
+    if algo_cfg.get('name') == 'ar' or algo_cfg.get('parameterization') == 'ar':
+        raise ValueError(f'{path} is a bd3lms autoregressive (algo=ar) checkpoint; only BD3-LM / MDLM checkpoints load here')
+    # Shapes come from the weights themselves; the run config supplies what weights cannot tell (heads,
+    # context, block size). adaLN is read off the weights too: bd3lms' model configs say `adaln: False`,
+    # yet its non-causal DiT always builds adaLN layers.
     emb = state_dict['backbone.vocab_embed.embedding']
+    n_layers = len({k.split('.')[2] for k in state_dict if k.startswith('backbone.blocks.')})
+    adaln = 'backbone.output_layer.adaLN_modulation.weight' in state_dict
+    cond_dim = state_dict['backbone.sigma_map.mlp.0.weight'].shape[0] if adaln else int(get(model_cfg, 'cond_dim'))
     config = BD3LMConfig(
         block_size=int(_resolve(hp, hp.get('block_size')) or get(model_cfg, 'length')),
-        vocab_size=emb.shape[0], model_length=int(get(model_cfg, 'length')),
-        hidden_dim=emb.shape[1], cond_dim=int(get(model_cfg, 'cond_dim')),
-        n_blocks=int(get(model_cfg, 'n_blocks')), n_heads=int(get(model_cfg, 'n_heads')),
-        dropout=float(get(model_cfg, 'dropout') or 0.0), adaln=bool(get(model_cfg, 'adaln') if 'adaln' in model_cfg else True),
+        vocab_size=emb.shape[0], model_length=int(get(model_cfg, 'length')), hidden_dim=emb.shape[1],
+        cond_dim=cond_dim, n_blocks=n_layers, n_heads=int(get(model_cfg, 'n_heads')),
+        dropout=float(get(model_cfg, 'dropout') or 0.0), adaln=adaln,
         time_conditioning=bool(get(algo_cfg, 'time_conditioning') or False))
     # The EMA weights are what the released models are; shadow_params follow parameters() order,
     # which is the order of the parameter entries in state_dict (buffers excluded).
