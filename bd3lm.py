@@ -734,10 +734,14 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
         logits[..., mask_id] = -float('inf')
         return _nucleus(logits.softmax(-1), top_p)
 
+    # Clean blocks enter the cache with one pass each. Only a time-conditioned model reads the noise
+    # level there (adaLN modulates every position); it gets the clean end of the schedule. Without
+    # time conditioning (the released models) cached and uncached sampling agree exactly.
+    clean_t = torch.full((B,), 1e-3, device=device)
     first_block = P // bs
-    if cache is not None:  # prefill: the prompt's complete blocks, one block per pass
+    if cache is not None:  # prefill: the prompt's complete blocks
         for b in range(first_block):
-            block_hidden(b * bs, torch.ones(B, device=device))
+            block_hidden(b * bs, clean_t)
             cache.n_committed += 1
 
     for b in range(first_block, n_blocks):
@@ -772,10 +776,10 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
                 if reveal.any():
                     probs = None
         if cache is not None:
-            block_hidden(lo, torch.full((B,), 1e-3, device=device))  # commit the finished (clean) block
+            block_hidden(lo, clean_t)  # commit the finished block
             cache.n_committed += 1
         end = min(hi, total)
-        _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id, mask_id)
+        _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
         if on_block is not None:
             on_block(x[:, :end], end)
         if done.all():
@@ -786,7 +790,7 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
     return (x, stats) if return_stats else x
 
 
-def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id, mask_id):
+def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
     for r in range(x.shape[0]):
         if done[r]:
             continue
