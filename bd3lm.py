@@ -322,34 +322,29 @@ class BD3LM(nn.Module):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0])
 
     def _mask(self, kind, L):
-        # Masks are built once per (kind, length, device) and reused: (dense bool, FlexAttention BlockMask).
-        # The inference mask of a shorter sequence is the top-left corner of a longer one, so with SDPA
-        # one mask serves every length (the uncached sampler asks for a new length every block).
+        # Masks are built once and reused: (dense bool, FlexAttention BlockMask or None). The inference
+        # mask of a shorter sequence is the top-left corner of a longer one, so with SDPA one mask serves
+        # every length (the uncached sampler asks for a new length every block).
         device = self.vocab_embed.embedding.device
-        if kind == 'infer' and self.attn_backend == 'sdpa':
-            dense = self._masks.get(('infer', device))
-            if dense is None or dense.shape[0] < L:
-                idx = torch.arange(max(L, self.config.model_length), device=device)
-                dense = block_causal_mask_mod(idx[:, None], idx[None, :], self.config.block_size, self.config.model_length)
-                self._masks[('infer', device)] = dense
-            return dense[:L, :L], None
-        key = (kind, L, device, self.attn_backend)
-        if key not in self._masks:
-            bs, window = self.config.block_size, self.config.model_length
+        bs, window = self.config.block_size, self.config.model_length
+        sliceable = kind == 'infer' and self.attn_backend == 'sdpa'
+        key = (kind, device) if sliceable else (kind, L, device, self.attn_backend)
+        cached = self._masks.get(key)
+        if cached is None or (sliceable and cached[0].shape[0] < L):
             if kind == 'train':
                 mask_mod = lambda b, h, q, kv: block_diff_mask_mod(q, kv, L, bs)
                 n = 2 * L
             else:
                 mask_mod = lambda b, h, q, kv: block_causal_mask_mod(q, kv, bs, window)
-                n = L
+                n = max(L, window) if sliceable else L
             idx = torch.arange(n, device=device)
             dense = mask_mod(None, None, idx[:, None], idx[None, :])
             flex = None
             if self.attn_backend == 'flex':
                 from torch.nn.attention.flex_attention import create_block_mask
                 flex = create_block_mask(mask_mod, None, None, n, n, device=device)
-            self._masks[key] = (dense, flex)
-        return self._masks[key]
+            cached = self._masks[key] = (dense, flex)
+        return (cached[0][:L, :L], None) if sliceable else cached
 
     def _check_tokens(self, x, name):
         if not isinstance(x, torch.Tensor) or x.dtype not in (torch.long, torch.int32, torch.int64) or x.dim() != 2:
