@@ -112,6 +112,15 @@ def write(docs, out_dir, val_fraction, source, total=None):
     return meta
 
 
+def sample_windows(tokens, batch_size, length, generator=None):
+    """(batch_size, length) training sequences: random windows of the EOS-separated token stream, each
+    starting with BOS (the paper's format)."""
+    import torch
+    ix = torch.randint(len(tokens) - length + 1, (batch_size,), generator=generator)
+    x = torch.from_numpy(np.stack([tokens[i:i + length - 1].astype(np.int64) for i in ix.tolist()]))
+    return torch.cat([torch.full((batch_size, 1), bd3lm.BOS_ID), x], dim=1)
+
+
 def prepare_python_docs(data_dir='data', val_fraction=0.05):
     return write(python_docs(), os.path.join(data_dir, 'python_docs'), val_fraction, 'python_docs')
 

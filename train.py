@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import bd3lm
+import prepare
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -119,7 +120,6 @@ data_dir = os.path.join(data_dir, dataset)
 if not os.path.exists(os.path.join(data_dir, 'train.bin')):
     if dataset == 'python_docs':  # the demo's embedded corpus: prepare it on the spot
         if master:
-            import prepare
             prepare.prepare_python_docs(os.path.dirname(data_dir))
         if ddp:
             dist.barrier()
@@ -136,12 +136,7 @@ noise_gen = torch.Generator(device).manual_seed(seed + 1000 + rank)
 
 
 def get_batch(split, generator=data_gen):
-    # Random windows of the document stream, each starting with BOS (documents are EOS-separated).
-    tokens = data[split]
-    ix = torch.randint(len(tokens) - model_length + 1, (batch_size,), generator=generator)
-    x = torch.from_numpy(np.stack([tokens[i:i + model_length - 1].astype(np.int64) for i in ix.tolist()]))
-    x = torch.cat([torch.full((batch_size, 1), bd3lm.BOS_ID), x], dim=1)
-    return x.to(device, non_blocking=True)
+    return prepare.sample_windows(data[split], batch_size, model_length, generator).to(device, non_blocking=True)
 
 # --- model ---------------------------------------------------------------------------------------------
 config = bd3lm.BD3LMConfig(block_size=block_size, model_length=model_length, hidden_dim=hidden_dim, cond_dim=cond_dim,

@@ -21,6 +21,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 import bd3lm  # noqa: E402
+import prepare  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument('--iters', type=int, default=400)
@@ -37,18 +38,13 @@ model_args = ['--n_blocks=2', '--n_heads=4', '--hidden_dim=128', '--cond_dim=64'
               '--batch_size=16', f'--max_iters={args.iters}', f'--lr_decay_iters={args.iters}',
               f'--warmup_iters={max(1, args.iters // 10)}', f'--eval_interval={args.iters}', '--eval_iters=2',
               '--clip_search=False', '--num_samples=0', '--max_minutes=0', '--log_interval=1000']
-val = np.memmap(os.path.join(ROOT, 'data', 'python_docs', 'val.bin'), dtype=np.uint16, mode='r') \
-    if os.path.exists(os.path.join(ROOT, 'data', 'python_docs', 'val.bin')) else None
 
 
 def val_batches(n, batch_size=16):
-    g = torch.Generator().manual_seed(0)   # the same held-out sequences for every block size
-    out = []
-    for _ in range(n):
-        ix = torch.randint(len(val) - L, (batch_size,), generator=g).tolist()
-        x = torch.from_numpy(np.stack([val[i:i + L - 1].astype(np.int64) for i in ix]))
-        out.append(torch.cat([torch.full((batch_size, 1), bd3lm.BOS_ID), x], 1))
-    return out
+    # The same held-out sequences for every block size. train.py has prepared the corpus by now.
+    val = np.memmap(os.path.join(ROOT, 'data', 'python_docs', 'val.bin'), dtype=np.uint16, mode='r')
+    g = torch.Generator().manual_seed(0)
+    return [prepare.sample_windows(val, batch_size, L, g) for _ in range(n)]
 
 
 results = []
@@ -60,8 +56,6 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
     train_minutes = (time.time() - t0) / 60
-    if val is None:
-        val = np.memmap(os.path.join(ROOT, 'data', 'python_docs', 'val.bin'), dtype=np.uint16, mode='r')
     model = bd3lm.BD3LM.from_pretrained(out_dir)
     batches = val_batches(args.eval_batches)
     noise = torch.Generator().manual_seed(1)
