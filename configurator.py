@@ -12,7 +12,7 @@ for _arg in sys.argv[1:]:
     if not _arg.startswith('--'):
         if not _arg.endswith('.py'):
             raise SystemExit(f'unexpected argument {_arg!r}: pass a config file (config/*.py) or --key=value')
-        print(f'Overriding config with {_arg}')
+        print(f'Overriding config with {_arg}', file=sys.stderr)
         exec(open(_arg).read())
         continue
     if '=' not in _arg:
@@ -25,8 +25,10 @@ for _arg in sys.argv[1:]:
     except (SyntaxError, ValueError):
         pass  # a plain string
     _default = globals()[_key]
-    if _default is not None and _val is not None and not isinstance(_val, type(_default)) \
+    # Settings whose default is None or 'auto' take values of other types (a number, True/False); the
+    # script checks those itself. The others keep the default's type (an int is fine for a float).
+    if _default is not None and _default != 'auto' and _val is not None and not isinstance(_val, type(_default)) \
             and not (isinstance(_default, float) and isinstance(_val, int)):
         raise SystemExit(f'--{_key}={_val!r}: expected a {type(_default).__name__} like the default {_default!r}')
-    print(f'Overriding: {_key} = {_val!r}')
+    print(f'Overriding: {_key} = {_val!r}', file=sys.stderr)
     globals()[_key] = _val

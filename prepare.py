@@ -1,19 +1,26 @@
 """
-Tokenize text into uint16 GPT-2 token files for train.py: data/<name>/{train,val}.bin + meta.json.
+Tokenize text into uint16 token files for train.py: data/<name>/{train,val}.bin + meta.json.
 
-Format (as in the paper): documents joined into one token stream, each followed by EOS (50256);
-train.py cuts training sequences out of the stream and starts each with BOS (also 50256).
+Each split is one token stream: the documents' tokens, each document followed by EOS. meta.json records
+the tokenizer (with vocab.txt for WordPiece), the special ids and the *format*, i.e. how train.py and
+the evaluation cut model_length-token sequences out of the stream, as bd3lms does per dataset:
+  plain    consecutive model_length-token chunks, nothing inserted: position 0 is an ordinary token that
+           is never masked or scored (OpenWebText: insert_train_special=False in bd3lms' OWT scripts)
+  wrapped  consecutive (model_length - 2)-token chunks framed as [BOS] chunk [EOS] (bd3lms' default
+           with wrap=True: LM1B, the zero-shot sets)
 
     python prepare.py                                   # embedded corpus, no download: Python's own docs
-    python prepare.py --input=notes.txt --name=notes    # a text file, or a folder of .txt/.md files
-    python prepare.py --dataset=openwebtext             # the paper's data, online, needs `datasets`
-    python prepare.py --dataset=lm1b
+    python prepare.py --input=book.txt --name=book      # a text file, or a folder of .txt/.md files
+    python prepare.py --dataset=openwebtext             # the paper's OWT, GPT-2, plain (needs `datasets`)
+    python prepare.py --dataset=lm1b                    # LM1B as in the paper: bert-base-uncased, wrapped
+    python prepare.py --dataset=lm1b-gpt2               # LM1B with GPT-2 tokens (zero-shot evaluation)
 """
 import argparse
 import ast
 import hashlib
 import json
 import os
+import re
 import sysconfig
 
 import numpy as np
@@ -21,12 +28,65 @@ from tqdm import tqdm
 
 import bd3lm
 
-HF_DATASETS = {  # name -> (Hugging Face dataset id, config, text field, validation split or None)
-    'openwebtext': ('Skylion007/openwebtext', None, 'text', None),
-    'lm1b': ('dvruette/lm1b', None, 'text', 'test'),
-    'wikitext103': ('wikitext', 'wikitext-103-raw-v1', 'text', 'validation'),
+FORMATS = ('plain', 'wrapped')
+
+
+# --- detokenizers: undo the datasets' tokenized spacing before re-tokenizing (as bd3lms does) ----------
+
+def _apply(rules, text):
+    for pattern, repl in rules:
+        text = re.sub(pattern, repl, text) if isinstance(pattern, re.Pattern) else text.replace(pattern, repl)
+    return text
+
+
+_LM1B = [('http : / / ', 'http://'), ('https : / / ', 'https://'), (re.compile(r" '(\w+)"), r"'\1"),
+         (re.compile(r' (\w+) \. '), r' \1. '), (re.compile(r' (\w+) \.$'), r' \1.'), (' ? ', '? '),
+         (re.compile(r' \?$'), '?'), (' ! ', '! '), (re.compile(r' !$'), '!'), (' , ', ', '), (' : ', ': '),
+         (' ; ', '; '), (' / ', '/'), (re.compile(r'" ([^"]+) "'), r'"\1"'), (re.compile(r"' ([^']+) '"), r"'\1'"),
+         (re.compile(r'\( ([^()]+) \)'), r'(\1)'), (re.compile(r'\[ ([^\[\]]+) \]'), r'[\1]'), ('$ ', '$'),
+         ('£ ', '£')]
+_WIKITEXT = [("s '", "s'"), (re.compile(r"/' [0-9]/"), r"/'[0-9]/"), (' @-@ ', '-'), (' @,@ ', ','), (' @.@ ', '.'),
+             (' : ', ': '), (' ; ', '; '), (' . ', '. '), (' ! ', '! '), (' ? ', '? '), (' , ', ', '),
+             (re.compile(r'\(\s*([^)]*?)\s*\)'), r'(\1)'), (re.compile(r'\[\s*([^\]]*?)\s*\]'), r'[\1]'),
+             (re.compile(r'{\s*([^}]*?)\s*}'), r'{\1}'), (re.compile(r'"\s*([^"]*?)\s*"'), r'"\1"'),
+             (re.compile(r"'\s*([^']*?)\s*'"), r"'\1'"), ('= = = =', '===='), ('= = =', '==='), ('= =', '=='),
+             (' \N{DEGREE SIGN} ', '\N{DEGREE SIGN}'), (' \n', '\n'), ('\n ', '\n'), (' N ', ' 1 '), (" 's", "'s")]
+_PTB = [(" 's", "'s"), ("s ' ", "s' "), (" n't", "n't"), (' \n ', '\n'), ('\\/', '/')] + [(' N ', ' 1 ')] * 10 + \
+       [('$ 1', '$1'), ('# 1', '#1'), ('<unk>', '?')]
+
+
+def detokenize(name, text):
+    if name.startswith('lm1b'):
+        return _apply(_LM1B, text)
+    if name.startswith('wikitext'):
+        return _apply(_WIKITEXT, text)
+    if name == 'ptb':
+        return _apply(_PTB, text)
+    if name == 'lambada':
+        return '\n' + text.replace('\N{LEFT DOUBLE QUOTATION MARK}', '"').replace('\N{RIGHT DOUBLE QUOTATION MARK}', '"').strip()
+    if name.startswith('scientific_papers'):
+        return _apply(_LM1B, _apply(_WIKITEXT, text))
+    return text
+
+
+# name -> (Hugging Face dataset id, config, text field, validation split, tokenizer, format, EOS after each doc).
+# OWT has no validation split: bd3lms holds out its last 100K documents. The zero-shot sets are scored on
+# their validation/test split, wrapped, without an EOS per document (bd3lms' zero-shot scripts).
+HF_DATASETS = {
+    'openwebtext': ('Skylion007/openwebtext', None, 'text', 'last:100000', 'gpt2', 'plain', True),
+    'lm1b': ('dvruette/lm1b', None, 'text', 'test', 'bert-base-uncased', 'wrapped', True),
+    'lm1b-gpt2': ('dvruette/lm1b', None, 'text', 'test', 'gpt2', 'wrapped', False),
+    'wikitext103': ('wikitext', 'wikitext-103-raw-v1', 'text', 'test', 'gpt2', 'wrapped', False),
+    'wikitext2': ('wikitext', 'wikitext-2-raw-v1', 'text', 'test', 'gpt2', 'wrapped', False),
+    'ptb': ('ptb_text_only', None, 'sentence', 'test', 'gpt2', 'wrapped', False),
+    'lambada': ('EleutherAI/lambada_openai', 'en', 'text', 'test', 'gpt2', 'wrapped', False),
+    'ag_news': ('ag_news', None, 'text', 'test', 'gpt2', 'wrapped', False),
+    'scientific_papers_pubmed': ('scientific_papers', 'pubmed', 'article', 'test', 'gpt2', 'wrapped', False),
+    'scientific_papers_arxiv': ('scientific_papers', 'arxiv', 'article', 'test', 'gpt2', 'wrapped', False),
 }
 
+
+# --- sources ---------------------------------------------------------------------------------------
 
 def python_docs():
     """The embedded corpus: English prose that ships with every Python install, so the demo runs offline
@@ -55,13 +115,21 @@ def python_docs():
                         yield f'{os.path.relpath(path, stdlib)}:{getattr(node, "name", "module")}', doc
 
 
+def _read_text(path):
+    with open(path, 'rb') as f:
+        raw = f.read()
+    if b'\0' in raw[:8192]:
+        raise SystemExit(f'{path} looks like a binary file (it holds NUL bytes), not text; pass .txt/.md files')
+    return raw.decode('utf-8', errors='replace')
+
+
 def local_text(path):
+    """Documents of a local file or folder. A folder: one document per .txt/.md file. A single file:
+    one document per paragraph (a blank line ends a paragraph), so that it can be split into train and val."""
     if os.path.isfile(path):
-        with open(path, encoding='utf-8', errors='replace') as f:
-            # a single file: paragraphs separated by blank lines are its documents
-            for i, doc in enumerate(f.read().split('\n\n\n')):
-                if doc.strip():
-                    yield f'{path}:{i}', doc
+        for i, doc in enumerate(re.split(r'\n\s*\n', _read_text(path))):
+            if doc.strip():
+                yield f'{path}:{i}', doc
         return
     if not os.path.isdir(path):
         raise SystemExit(f'--input={path!r}: no such file or folder')
@@ -69,56 +137,156 @@ def local_text(path):
     if not names:
         raise SystemExit(f'--input={path!r} holds no .txt or .md files')
     for name in names:
-        with open(name, encoding='utf-8', errors='replace') as f:
-            yield name, f.read()
+        yield name, _read_text(name)
 
 
-def hf_dataset(name, split):
+def hf_dataset(name):
+    """Yields (name, text, split) for one of HF_DATASETS (online; needs `datasets`)."""
     try:
         from datasets import load_dataset
     except ImportError:
         raise SystemExit(f"--dataset={name} needs the `datasets` package: pip install 'bd3lm[data]'") from None
-    repo, config, field, val_split = HF_DATASETS[name]
-    ds = load_dataset(repo, config, split=val_split if (split == 'val' and val_split) else 'train')
-    for i, row in enumerate(ds):
-        yield f'{name}:{i}', row[field]
+    repo, config, field, val_split, *_ = HF_DATASETS[name]
+    if val_split.startswith('last:'):  # hold out the last N documents of the train split
+        ds = load_dataset(repo, config, split='train')
+        first_val = len(ds) - int(val_split[5:])
+        for i, row in enumerate(ds):
+            yield f'{name}:{i}', detokenize(name, row[field]), 'val' if i >= first_val else 'train'
+        return
+    for split, hf_split in (('train', 'train'), ('val', val_split)):
+        for i, row in enumerate(load_dataset(repo, config, split=hf_split)):
+            yield f'{name}:{hf_split}:{i}', detokenize(name, row[field]), split
 
+
+# --- tokenizers -------------------------------------------------------------------------------------
+
+def load_tokenizer(name):
+    """'gpt2', 'bert-base-uncased' (its vocab.txt from the Hugging Face hub, online) or a local vocab.txt.
+    Returns (tokenizer, vocab list or None)."""
+    if name == 'gpt2':
+        return bd3lm.get_tokenizer(), None
+    path = name
+    if name == 'bert-base-uncased':
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise SystemExit("--tokenizer=bert-base-uncased downloads its vocab.txt: pip install 'bd3lm[hub]', or "
+                             "pass --tokenizer=PATH/TO/vocab.txt") from None
+        path = hf_hub_download('bert-base-uncased', 'vocab.txt')
+    if not os.path.isfile(path):
+        raise SystemExit(f'--tokenizer={name!r}: expected gpt2, bert-base-uncased or a WordPiece vocab.txt file')
+    with open(path, encoding='utf-8') as f:
+        vocab = f.read().split('\n')
+    vocab = vocab[:-1] if vocab[-1] == '' else vocab
+    missing = [t for t in ('[MASK]', '[CLS]', '[SEP]', '[UNK]') if t not in vocab]
+    if missing:
+        raise SystemExit(f'{path}: a BERT WordPiece vocabulary needs {missing}')
+    config = bd3lm.BD3LMConfig(vocab_size=len(vocab), tokenizer='wordpiece', mask_id=vocab.index('[MASK]'),
+                               bos_id=vocab.index('[CLS]'), eos_id=vocab.index('[SEP]'))
+    return bd3lm.Tokenizer(config, vocab), vocab
+
+
+def model_config_fields(meta):
+    """The BD3LMConfig fields a model trained on this data needs: its vocabulary and special tokens.
+    GPT-2 appends a mask token after the vocabulary; WordPiece has [MASK] inside it."""
+    fields = {k: meta[k] for k in ('tokenizer', 'mask_id', 'bos_id', 'eos_id')}
+    fields['vocab_size'] = meta['vocab_size'] + (1 if meta['tokenizer'] == 'gpt2' else 0)
+    return fields
+
+
+# --- writing ----------------------------------------------------------------------------------------
 
 def is_val(name, val_fraction):
     # Deterministic split by document name, stable across runs and machines.
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
 
 
-def write(docs, out_dir, val_fraction, source, total=None):
-    enc = bd3lm.get_tokenizer()
-    os.makedirs(out_dir, exist_ok=True)
+def write(docs, out_dir, val_fraction, source, total=None, tokenizer='gpt2', fmt='wrapped', eos_per_doc=True):
+    """docs: (name, text) pairs split by a hash of the name, or (name, text, split) triples."""
+    if fmt not in FORMATS:
+        raise SystemExit(f'--format={fmt!r}: choose one of {FORMATS}')
+    if not 0 <= val_fraction < 1:
+        raise SystemExit(f'--val_fraction={val_fraction}: must be in [0, 1)')
+    enc, vocab = load_tokenizer(tokenizer)
     splits = {'train': [], 'val': []}
     n_docs = 0
-    for name, text in tqdm(docs, desc=f'tokenizing {source}', unit='doc', total=total, mininterval=2):
-        split = 'val' if is_val(name, val_fraction) else 'train'
-        splits[split].append(np.array(enc.encode_ordinary(text) + [bd3lm.EOS_ID], dtype=np.uint16))
+    for doc in tqdm(docs, desc=f'tokenizing {source}', unit='doc', total=total, mininterval=2):
+        name, text = doc[:2]
+        split = doc[2] if len(doc) == 3 else ('val' if is_val(name, val_fraction) else 'train')
+        ids = enc.encode_batch([text])[0] + ([enc.eos_id] if eos_per_doc else [])
+        splits[split].append(np.array(ids, dtype=np.uint16))
         n_docs += 1
-    meta = {'source': source, 'tokenizer': 'gpt2', 'vocab_size': 50257, 'eos_id': bd3lm.EOS_ID,
-            'bos_id': bd3lm.BOS_ID, 'documents': n_docs}
+    if val_fraction > 0 and not (splits['train'] and splits['val']):
+        # Too few documents for a split by name (one long file, say): hold out the stream's tail instead.
+        stream = np.concatenate(splits['train'] + splits['val'])
+        cut = int(len(stream) * (1 - val_fraction))
+        splits = {'train': [stream[:cut]] if cut > 0 else [], 'val': [stream[cut:]] if cut < len(stream) else []}
+    empty = [s for s, arrays in splits.items() if not sum(map(len, arrays))]
+    if empty:
+        raise SystemExit(f'{source}: the {" and ".join(empty)} split would be empty ({n_docs} document(s)); give more '
+                         f'text or a larger --val_fraction')
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {'source': source, 'tokenizer': 'gpt2' if vocab is None else 'wordpiece',
+            'vocab_size': 50257 if vocab is None else len(vocab), 'bos_id': enc.bos_id, 'eos_id': enc.eos_id,
+            'mask_id': enc.mask_id, 'format': fmt, 'eos_per_doc': eos_per_doc, 'documents': n_docs}
+    if vocab is not None:
+        with open(os.path.join(out_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
+            f.write(''.join(t + '\n' for t in vocab))
     for split, arrays in splits.items():
-        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+        tokens = np.concatenate(arrays)
         tmp = os.path.join(out_dir, f'{split}.bin.tmp')
         tokens.tofile(tmp)
         os.replace(tmp, os.path.join(out_dir, f'{split}.bin'))
         meta[f'{split}_tokens'] = int(len(tokens))
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f, indent=2)
-    print(f'{out_dir}: {meta["train_tokens"]:,} train tokens, {meta["val_tokens"]:,} val tokens, {n_docs:,} documents')
+    print(f'{out_dir}: {meta["train_tokens"]:,} train tokens, {meta["val_tokens"]:,} val tokens, {n_docs:,} documents, '
+          f'{meta["tokenizer"]} tokens, {fmt} format')
     return meta
 
 
-def sample_windows(tokens, batch_size, length, generator=None):
-    """(batch_size, length) training sequences: random windows of the EOS-separated token stream, each
-    starting with BOS (the paper's format)."""
+def read_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get('format') not in FORMATS:
+        raise SystemExit(f'{path} records no sequence format (made by an older prepare.py); run prepare.py again')
+    if meta['tokenizer'] == 'wordpiece':
+        with open(os.path.join(data_dir, 'vocab.txt'), encoding='utf-8') as f:
+            meta['vocab'] = f.read().split('\n')[:-1]
+    return meta
+
+
+# --- cutting sequences out of a stream ----------------------------------------------------------------
+
+def frame(pieces, meta):
+    """pieces: (B, n) int64 tokens of the stream -> (B, length) sequences in the dataset's format."""
     import torch
-    ix = torch.randint(len(tokens) - length + 1, (batch_size,), generator=generator)
-    x = torch.from_numpy(np.stack([tokens[i:i + length - 1].astype(np.int64) for i in ix.tolist()]))
-    return torch.cat([torch.full((batch_size, 1), bd3lm.BOS_ID), x], dim=1)
+    pieces = torch.as_tensor(pieces)
+    if meta['format'] == 'plain':
+        return pieces
+    B = pieces.shape[0]
+    return torch.cat([torch.full((B, 1), meta['bos_id']), pieces, torch.full((B, 1), meta['eos_id'])], dim=1)
+
+
+def piece_length(length, meta):
+    return length if meta['format'] == 'plain' else length - 2
+
+
+def sample_windows(tokens, batch_size, length, meta, generator=None):
+    """(batch_size, length) training sequences: random windows of the token stream in the dataset's format."""
+    import torch
+    n = piece_length(length, meta)
+    ix = torch.randint(len(tokens) - n + 1, (batch_size,), generator=generator)
+    return frame(np.stack([tokens[i:i + n].astype(np.int64) for i in ix.tolist()]), meta)
+
+
+def chunks(tokens, length, meta):
+    """All consecutive (n_chunks, length) sequences of the stream, as bd3lms evaluates (the remainder is
+    dropped)."""
+    n = piece_length(length, meta)
+    count = len(tokens) // n
+    return frame(np.asarray(tokens[:count * n], dtype=np.int64).reshape(count, n), meta)
 
 
 def prepare_python_docs(data_dir='data', val_fraction=0.05):
@@ -131,24 +299,22 @@ if __name__ == '__main__':
     p.add_argument('--dataset', choices=sorted(HF_DATASETS), help='download one of the paper\'s datasets')
     p.add_argument('--name', help='output folder name under --data_dir (default: derived from the source)')
     p.add_argument('--data_dir', default='data')
-    p.add_argument('--val_fraction', type=float, default=0.05)
+    p.add_argument('--val_fraction', type=float, default=0.05, help='for --input and the embedded corpus')
+    p.add_argument('--tokenizer', help='gpt2, bert-base-uncased or a vocab.txt (default: the dataset\'s; gpt2)')
+    p.add_argument('--format', choices=FORMATS, help='how sequences are cut (default: the dataset\'s; wrapped)')
     args = p.parse_args()
     if args.input and args.dataset:
         raise SystemExit('give --input or --dataset, not both')
+    name = args.name or args.dataset or (os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0]
+                                         if args.input else 'python_docs')
+    if not name or os.path.basename(name) != name or name in ('.', '..'):
+        raise SystemExit(f'--name={name!r} must be a plain folder name (it is created under --data_dir)')
+    out = os.path.join(args.data_dir, name)
     if args.dataset:
-        name = args.name or args.dataset
-        _, _, _, val_split = HF_DATASETS[args.dataset]
-        if val_split:  # the dataset has its own validation split: use it as is
-            out = os.path.join(args.data_dir, name)
-            write(hf_dataset(args.dataset, 'train'), out + '.train', 0.0, args.dataset)
-            write(hf_dataset(args.dataset, 'val'), out + '.val', 0.0, args.dataset)
-            os.makedirs(out, exist_ok=True)
-            os.replace(os.path.join(out + '.train', 'train.bin'), os.path.join(out, 'train.bin'))
-            os.replace(os.path.join(out + '.val', 'train.bin'), os.path.join(out, 'val.bin'))
-        else:
-            write(hf_dataset(args.dataset, 'train'), os.path.join(args.data_dir, name), args.val_fraction, args.dataset)
-    elif args.input:
-        name = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0]
-        write(local_text(args.input), os.path.join(args.data_dir, name), args.val_fraction, args.input)
+        _, _, _, _, tokenizer, fmt, eos_per_doc = HF_DATASETS[args.dataset]
+        write(hf_dataset(args.dataset), out, 0.0, args.dataset, tokenizer=args.tokenizer or tokenizer,
+              fmt=args.format or fmt, eos_per_doc=eos_per_doc)
     else:
-        prepare_python_docs(args.data_dir, args.val_fraction)
+        docs = local_text(args.input) if args.input else python_docs()
+        write(docs, out, args.val_fraction, args.input or 'python_docs', tokenizer=args.tokenizer or 'gpt2',
+              fmt=args.format or 'wrapped')

@@ -4,7 +4,6 @@ Sample from a BD3-LM: released weights, a bd3lms Lightning checkpoint or a train
     python sample.py --init_from=kuleshov-group/bd3lm-owt-block_size16 --start="The meaning of life"
     python sample.py --init_from=out-demo --num_samples=3 --max_new_tokens=128 --steps=4
 """
-import codecs
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ import bd3lm
 
 # -----------------------------------------------------------------------------
 init_from = 'out-demo'  # hub id, HF-layout folder, Lightning .ckpt, or a train.py out_dir
-start = ''              # prompt text, or FILE:path to read it from a file; BOS is always prepended
+start = ''              # prompt text, or FILE:path to read it from a file; the model's BOS is always prepended
 num_samples = 1
 max_new_tokens = 256
 steps = None            # None: first-hitting (one token per model call); K: K denoising steps per block
@@ -41,31 +40,30 @@ generator = torch.Generator(device=device).manual_seed(seed)
 model = bd3lm.BD3LM.from_pretrained(init_from, device=device).to(getattr(torch, dtype))
 if compile:
     model._run = torch.compile(model._run, dynamic=True)   # the per-block transformer pass
-enc = bd3lm.get_tokenizer()
+enc = bd3lm.get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()
-prompt = [bd3lm.BOS_ID] + enc.encode(start, allowed_special='all')
+prompt = [model.config.bos_id] + enc.encode(start)
 idx = torch.tensor([prompt] * num_samples, device=device)
 cfg = model.config
 print(f'{init_from}: block_size={cfg.block_size}, context {cfg.model_length}, '
       f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device} {dtype}', file=sys.stderr)
 
-# Stream the first sample block by block as it is generated (decoding bytes incrementally, since a block
-# boundary can split a multi-byte character); the progress bar goes to stderr.
+# Stream the first sample block by block as it is generated (a block boundary can split a multi-byte
+# character or a word: the stream holds those back until complete); the progress bar goes to stderr.
 n_blocks = -(-(len(prompt) + max_new_tokens) // cfg.block_size) - len(prompt) // cfg.block_size
 bar = tqdm(total=n_blocks, desc='blocks', unit='block', file=sys.stderr, leave=False)
-decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+stream = enc.stream(prompt)
 printed = [len(prompt)]
 if num_samples == 1:
-    sys.stdout.write(start)
+    sys.stdout.write(enc.decode(prompt))  # the prompt as the model reads it (WordPiece lower-cases it)
 
 
 def on_block(x, end):
     bar.update(1)
     if num_samples == 1:
-        new = [t for t in x[0, printed[0]:end].tolist() if t != bd3lm.EOS_ID]
-        sys.stdout.write(decoder.decode(enc.decode_bytes(new)))
+        sys.stdout.write(stream.feed(x[0, printed[0]:end].tolist()))
         sys.stdout.flush()
         printed[0] = end
 
@@ -78,12 +76,11 @@ if device.startswith('cuda'):
 elapsed = time.perf_counter() - t0
 bar.close()
 if num_samples == 1:
-    print()
+    print(stream.feed([], final=True))
 else:
     for i in range(num_samples):
-        tokens = out[i, :int(stats['lengths'][i])].tolist()
         print(f'---------- sample {i + 1}')
-        print(enc.decode([t for t in tokens if t != bd3lm.EOS_ID]))
+        print(enc.decode(out[i, :int(stats['lengths'][i])].tolist()))
 new_tokens = int((stats['lengths'] - len(prompt)).sum())
 print(f'---------- {new_tokens} tokens in {elapsed:.2f}s ({new_tokens / elapsed:.1f} tokens/s), '
       f'{stats["nfe"]} model calls (NFEs)', file=sys.stderr)

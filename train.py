@@ -14,7 +14,9 @@ weights) that BD3LM.from_pretrained(out_dir) and sample.py --init_from=out_dir l
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -85,6 +87,53 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 settings = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 # -----------------------------------------------------------------------------
 
+# Check every setting before any work is done: one line that names the problem and the fix.
+_positive = ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval', 'block_size',
+             'model_length', 'n_blocks', 'n_heads', 'hidden_dim', 'cond_dim', 'clip_search_iters')
+for _name in _positive:
+    if not isinstance(globals()[_name], int) or isinstance(globals()[_name], bool) or globals()[_name] <= 0:
+        raise SystemExit(f'--{_name}={globals()[_name]!r}: must be a positive integer')
+_choices = {'dtype': ('auto', 'float32', 'bfloat16', 'float16'), 'flex_attention': ('auto', True, False),
+            'lr_decay': ('constant', 'cosine'), 'noise_schedule': bd3lm.SCHEDULES}
+for _name, _allowed in _choices.items():  # type-exact: 1 is not True, 'True' is not True
+    if not any(globals()[_name] == a and type(globals()[_name]) is type(a) for a in _allowed):
+        raise SystemExit(f'--{_name}={globals()[_name]!r}: choose one of {", ".join(map(repr, _allowed))}')
+if not (isinstance(learning_rate, (int, float)) and learning_rate >= 0 and max_iters >= 0 and 0 <= ema < 1):
+    raise SystemExit(f'need learning_rate >= 0, max_iters >= 0 and 0 <= ema < 1 (got {learning_rate}, {max_iters}, {ema})')
+if device.startswith('cuda') and not torch.cuda.is_available():
+    raise SystemExit(f'--device={device}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device=cpu')
+if device == 'mps' and not torch.backends.mps.is_available():
+    raise SystemExit('--device=mps: MPS is not available here; use --device=cpu')
+
+
+def safe_exp(x):  # perplexity of a NELBO; a diverged run's huge NELBO gives inf, not an OverflowError
+    return math.exp(x) if x < 700 else float('inf')
+
+
+def finish_interrupted_save(out_dir):
+    """save_checkpoint() writes every file into out_dir/.saving/ first and marks it COMPLETE before moving
+    the files into place, so ckpt.pt and the model folder always belong to the same iteration. If a save
+    was killed, finish it (marked complete) or drop it (not), and remove stale temporary files."""
+    stage = os.path.join(out_dir, '.saving')
+    if os.path.isdir(stage):
+        if os.path.exists(os.path.join(stage, 'COMPLETE')):
+            for name in os.listdir(stage):
+                if name != 'COMPLETE' and not name.endswith('.tmp'):
+                    os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+        shutil.rmtree(stage)
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        if name.endswith('.tmp'):
+            os.remove(os.path.join(out_dir, name))
+
+
+try:  # an unwritable out_dir is found now, not at the first save after training
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_dir):
+        pass
+except OSError as e:
+    raise SystemExit(f'--out_dir={out_dir}: cannot write there ({e.strerror}); choose a writable folder')
+finish_interrupted_save(out_dir)
+
 ddp = int(os.environ.get('RANK', -1)) != -1
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -117,8 +166,16 @@ if device_type == 'cuda':
 
 # --- data --------------------------------------------------------------------------------------------
 data_dir = os.path.join(data_dir, dataset)
-if not os.path.exists(os.path.join(data_dir, 'train.bin')):
-    if dataset == 'python_docs':  # the demo's embedded corpus: prepare it on the spot
+def _prepared(folder):
+    try:
+        with open(os.path.join(folder, 'meta.json')) as f:
+            return 'format' in json.load(f) and os.path.exists(os.path.join(folder, 'train.bin'))
+    except (OSError, ValueError):
+        return False
+
+
+if not _prepared(data_dir):
+    if dataset == 'python_docs':  # the demo's embedded corpus: prepare it on the spot (again, if made by an old version)
         if master:
             prepare.prepare_python_docs(os.path.dirname(data_dir))
         if ddp:
@@ -126,6 +183,7 @@ if not os.path.exists(os.path.join(data_dir, 'train.bin')):
     else:
         raise SystemExit(f'dataset {dataset!r} not found: {data_dir}/train.bin is missing. Make it with '
                          f'`python prepare.py --dataset={dataset}` or `python prepare.py --input=PATH --name={dataset}`')
+meta = prepare.read_meta(data_dir)  # the tokenizer, special ids and sequence format of this dataset
 data = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') for split in ('train', 'val')}
 for split, tokens in data.items():
     if len(tokens) < model_length:
@@ -136,17 +194,29 @@ noise_gen = torch.Generator(device).manual_seed(seed + 1000 + rank)
 
 
 def get_batch(split, generator=data_gen):
-    return prepare.sample_windows(data[split], batch_size, model_length, generator).to(device, non_blocking=True)
+    return prepare.sample_windows(data[split], batch_size, model_length, meta, generator).to(device, non_blocking=True)
 
 # --- model ---------------------------------------------------------------------------------------------
 config = bd3lm.BD3LMConfig(block_size=block_size, model_length=model_length, hidden_dim=hidden_dim, cond_dim=cond_dim,
-                           n_blocks=n_blocks, n_heads=n_heads, dropout=dropout, time_conditioning=time_conditioning)
+                           n_blocks=n_blocks, n_heads=n_heads, dropout=dropout, time_conditioning=time_conditioning,
+                           **prepare.model_config_fields(meta))
 iter_num, best_val_loss, checkpoint = 0, float('inf'), None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f'--init_from=resume: no checkpoint at {ckpt_path}')
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f'--init_from=resume: {ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e}); '
+                         f'it may be truncated: restore it or start again') from None
+    # Resuming continues the same model: a model flag that disagrees with the checkpoint is refused
+    # rather than half-applied (to change the model, fine-tune it: --init_from=<out_dir>).
+    conflicts = [f'{k}={globals()[k]!r} (checkpoint: {v!r})' for k, v in checkpoint['model_args'].items()
+                 if k in globals() and globals()[k] != v]
+    if conflicts:
+        raise SystemExit(f'--init_from=resume: this run sets {", ".join(conflicts)}. Drop those flags to resume as '
+                         f'trained, or fine-tune a changed model with --init_from={out_dir} and a new --out_dir')
     config = bd3lm.BD3LMConfig(**checkpoint['model_args'])
     model = bd3lm.BD3LM(config)
     model.load_state_dict(checkpoint['model'])
@@ -161,11 +231,17 @@ elif init_from == 'scratch':
                 p.zero_()
 else:  # fine-tune: the pretrained weights, loaded strictly into this run's config (e.g. a new block_size)
     pretrained = bd3lm.BD3LM.from_pretrained(init_from)
+    theirs = {k: getattr(pretrained.config, k) for k in ('tokenizer', 'vocab_size', 'mask_id', 'bos_id', 'eos_id')}
+    ours = {k: getattr(config, k) for k in theirs}
+    if theirs != ours or (meta.get('vocab') is not None and meta['vocab'] != pretrained.vocab):
+        raise SystemExit(f'init_from={init_from} was trained with other tokens ({theirs}) than {data_dir} holds '
+                         f'({ours}); prepare the data with the model\'s tokenizer')
     try:
         model = bd3lm._build(bd3lm.BD3LM, config, pretrained.state_dict(), 'cpu', f'init_from={init_from}')
     except ValueError as e:
         raise SystemExit(f'{e}\nSet n_blocks/n_heads/hidden_dim/cond_dim to the pretrained model\'s: {pretrained.config}')
     model.train()
+model.vocab = meta.get('vocab')
 if init_from != 'resume':
     model.sampling_eps_min.fill_(sampling_eps_min)
     model.sampling_eps_max.fill_(sampling_eps_max)
@@ -196,8 +272,9 @@ class NELBO(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x0):
-        return self.model.nelbo(x0, schedule=noise_schedule, resample=resample, generator=noise_gen)
+    def forward(self, x0):  # training uses the clipped interval (Sec. 5.2); evaluation the full one
+        return self.model.nelbo(x0, interval=self.model.clipped_interval(), schedule=noise_schedule,
+                                resample=resample, generator=noise_gen)
 
 
 loss_module = NELBO(model)
@@ -223,21 +300,23 @@ class ema_weights:
 
 
 @torch.no_grad()
-def evaluate():
+def evaluate(search=True):
     """Validation NELBO on the full interval [1e-3, 1] (the paper's reported bound), EMA weights, and
-    the clipped-schedule search on the same batches."""
+    the clipped-schedule search on the same batches, measured with the training estimator (resampling
+    included). As in bd3lms, the search is not run before any training (search=False at iteration 0)."""
     model.eval()
     gen = torch.Generator().manual_seed(0)          # the same validation batches every time
     noise = torch.Generator(device).manual_seed(0)
     batches = [get_batch('val', gen) for _ in range(eval_iters)]
     out = {}
     with ema_weights(), autocast:
-        losses = [model.nelbo(x, interval=(1e-3, 1.0), schedule=noise_schedule, generator=noise).item() for x in batches]
+        losses = [model.nelbo(x, interval=bd3lm.FULL_INTERVAL, schedule=noise_schedule, generator=noise).item()
+                  for x in batches]
         out['val_nelbo'] = sum(losses) / len(losses)
-        if clip_search and block_size > 1:
+        if search and clip_search and config.block_size > 1:
             widths = [float(w) for w in str(clip_search_widths).split(',')]
             best, variances = bd3lm.search_clip_interval(model, batches[:clip_search_iters], widths, clip_search_delta,
-                                                         noise_schedule, noise)
+                                                         noise_schedule, resample, noise)
             out['clip_interval'], out['clip_variances'] = best, variances
     model.train()
     return out
@@ -253,16 +332,21 @@ def lr_at(it):
 
 
 def save_checkpoint():
-    """ckpt.pt (everything needed to resume exactly) and the EMA model as config.json + model.safetensors.
-    Every file is written to a temporary name and renamed, so a crash never leaves a broken file."""
-    os.makedirs(out_dir, exist_ok=True)
+    """ckpt.pt (everything needed to resume exactly) and the EMA model as config.json + model.safetensors,
+    as one unit: all of it is written to out_dir/.saving/, marked COMPLETE, then moved into place (see
+    finish_interrupted_save), so a kill at any point leaves ckpt.pt and the model from the same iteration."""
+    stage = os.path.join(out_dir, '.saving')
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': asdict(config),
              'ema': ema_params, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': settings,
              'data_gen': data_gen.get_state(), 'noise_gen': noise_gen.get_state().cpu(),
              'torch_rng': torch.get_rng_state(), 'next_batch': x0.cpu()}
-    bd3lm._atomic_write(ckpt_path, lambda p: torch.save(state, p))
+    torch.save(state, os.path.join(stage, 'ckpt.pt'))
     with ema_weights():
-        model.save_pretrained(out_dir)
+        model.save_pretrained(stage)
+    open(os.path.join(stage, 'COMPLETE'), 'w').close()
+    finish_interrupted_save(out_dir)
 
 
 def mfu(tokens_per_second):
@@ -284,21 +368,21 @@ if master:
     print(f'{tokens_per_iter:,} tokens per iteration; training iterations {iter_num} -> {max_iters}')
 start_time = time.time()
 bar = tqdm(total=max_iters, initial=iter_num, desc='training', unit='it', disable=not master, mininterval=5)
-t_last, tokens_since = time.time(), 0
+t_last, tokens_since, bad_steps = time.time(), 0, 0
 x0 = get_batch('train') if checkpoint is None else checkpoint['next_batch'].to(device)
 checkpoint = None
 while iter_num < max_iters:
     if iter_num % eval_interval == 0 and master:
-        stats = evaluate()
-        line = f'iter {iter_num}: val NELBO {stats["val_nelbo"]:.4f} (ppl <= {math.exp(stats["val_nelbo"]):.2f})'
+        stats = evaluate(search=iter_num > 0)
+        line = f'iter {iter_num}: val NELBO {stats["val_nelbo"]:.4f} (ppl <= {safe_exp(stats["val_nelbo"]):.2f})'
         if 'clip_interval' in stats:
             beta, omega = stats['clip_interval']
             model.sampling_eps_min.fill_(beta)
             model.sampling_eps_max.fill_(omega)
-            line += f', clipped schedule [{beta:.3f}, {omega:.3f}] (NELBO variance {stats["clip_variances"][stats["clip_interval"]]:.3f} vs {stats["clip_variances"][(1e-3, 1.0)]:.3f} on [1e-3, 1])'
+            line += f', clipped schedule [{beta:.3f}, {omega:.3f}] (NELBO variance {stats["clip_variances"][stats["clip_interval"]]:.3f} vs {stats["clip_variances"][bd3lm.FULL_INTERVAL]:.3f} on [1e-3, 1])'
         tqdm.write(line)
         if wandb_log:
-            wandb.log({'iter': iter_num, 'val/nelbo': stats['val_nelbo'], 'val/ppl': math.exp(stats['val_nelbo']),
+            wandb.log({'iter': iter_num, 'val/nelbo': stats['val_nelbo'], 'val/ppl': safe_exp(stats['val_nelbo']),
                        'sampling_eps_min': float(model.sampling_eps_min), 'sampling_eps_max': float(model.sampling_eps_max)})
         best_val_loss = min(best_val_loss, stats['val_nelbo'])
         if iter_num > 0 and always_save_checkpoint:
@@ -317,8 +401,23 @@ while iter_num < max_iters:
             loss = loss_module(x0) / gradient_accumulation_steps
         x0 = get_batch('train')  # fetch the next batch while the GPU works
         loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    if not torch.isfinite(grad_norm):
+        # A NaN/inf loss or gradient: skip the update, so the weights stay the last good ones. A run that
+        # keeps producing them has diverged: save those last good weights and stop with a clear message.
+        optimizer.zero_grad(set_to_none=True)
+        bad_steps += 1
+        if master:
+            tqdm.write(f'iter {iter_num}: non-finite loss {loss.item() * gradient_accumulation_steps} or gradients; '
+                       f'update skipped ({bad_steps} in a row)')
+        if bad_steps >= 10:
+            if master:
+                save_checkpoint()
+            raise SystemExit(f'training diverged at iteration {iter_num} (10 non-finite steps in a row at lr {lr:.2e}). '
+                             f'The last good weights are saved in {out_dir}; lower --learning_rate or --grad_clip, '
+                             f'or raise --warmup_iters, and resume from there or start again')
+        continue
+    bad_steps = 0
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema_params is not None:  # the bd3lms EMA, with its warm-up of the decay
@@ -347,20 +446,20 @@ bar.close()
 if master:
     stats = evaluate()
     best_val_loss = min(best_val_loss, stats['val_nelbo'])
-    print(f'final: val NELBO {stats["val_nelbo"]:.4f} nats/token (ppl <= {math.exp(stats["val_nelbo"]):.2f}), '
+    print(f'final: val NELBO {stats["val_nelbo"]:.4f} nats/token (ppl <= {safe_exp(stats["val_nelbo"]):.2f}), '
           f'{iter_num} iterations, {(time.time() - start_time) / 60:.1f} min')
     save_checkpoint()
     with open(os.path.join(out_dir, 'final.json'), 'w') as f:
-        json.dump({'val_nelbo': stats['val_nelbo'], 'val_ppl': math.exp(stats['val_nelbo']), 'iter': iter_num,
+        json.dump({'val_nelbo': stats['val_nelbo'], 'val_ppl': safe_exp(stats['val_nelbo']), 'iter': iter_num,
                    'minutes': (time.time() - start_time) / 60}, f)
     if num_samples > 0:
-        enc = bd3lm.get_tokenizer()
+        enc = bd3lm.get_tokenizer(model)
         with ema_weights():
             model.eval()
-            out = model.generate(torch.full((num_samples, 1), bd3lm.BOS_ID, device=device), sample_tokens,
+            out = model.generate(torch.full((num_samples, 1), config.bos_id, device=device), sample_tokens,
                                  top_p=0.9, generator=torch.Generator(device).manual_seed(seed))
         for i, row in enumerate(out.tolist()):
             print(f'---------- sample {i + 1}')
-            print(enc.decode([t for t in row[1:] if t != bd3lm.EOS_ID]))
+            print(enc.decode(row))
 if ddp:
     dist.destroy_process_group()

@@ -42,9 +42,10 @@ model_args = ['--n_blocks=2', '--n_heads=4', '--hidden_dim=128', '--cond_dim=64'
 
 def val_batches(n, batch_size=16):
     # The same held-out sequences for every block size. train.py has prepared the corpus by now.
-    val = np.memmap(os.path.join(ROOT, 'data', 'python_docs', 'val.bin'), dtype=np.uint16, mode='r')
+    data = os.path.join(ROOT, 'data', 'python_docs')
+    val = np.memmap(os.path.join(data, 'val.bin'), dtype=np.uint16, mode='r')
     g = torch.Generator().manual_seed(0)
-    return [prepare.sample_windows(val, batch_size, L, g) for _ in range(n)]
+    return [prepare.sample_windows(val, batch_size, L, prepare.read_meta(data), g) for _ in range(n)]
 
 
 results = []
@@ -71,10 +72,10 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
         else:
             best, var_clipped = (1.0, 1.0), bd3lm.nelbo_variance(model, batches, (1.0, 1.0), generator=noise)
     t1 = time.time()
-    _, stats = model.generate(torch.full((1, 1), bd3lm.BOS_ID), args.sample_tokens, return_stats=True,
+    _, stats = model.generate(torch.full((1, 1), model.config.bos_id), args.sample_tokens, return_stats=True,
                               generator=torch.Generator().manual_seed(0))
     sample_s = time.time() - t1
-    _, stats4 = model.generate(torch.full((1, 1), bd3lm.BOS_ID), args.sample_tokens, steps=1, return_stats=True,
+    _, stats4 = model.generate(torch.full((1, 1), model.config.bos_id), args.sample_tokens, steps=1, return_stats=True,
                                generator=torch.Generator().manual_seed(0))
     row = {'block_size': bs, 'label': 'MDLM' if bs == L else ('AR-like' if bs == 1 else f'BD3-LM {bs}'),
            'val_nelbo': nelbo, 'val_ppl': math.exp(nelbo), 'var_full': var_full, 'clip_interval': list(best),

@@ -220,15 +220,17 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='config.json'):
         bd3lm.BD3LM.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match='neither a folder'):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
         bd3lm.BD3LM.from_pretrained(str(tmp_path / 'nope.ckpt'))
 
 # --- tokenizer ------------------------------------------------------------------------------------
 
 def test_tokenizer_is_gpt2_offline():
     enc = bd3lm.get_tokenizer()
-    assert enc.n_vocab == 50257 and enc.eot_token == bd3lm.EOS_ID == bd3lm.BOS_ID == 50256
+    assert enc.tiktoken.n_vocab == 50257 and enc.tiktoken.eot_token == bd3lm.EOS_ID == bd3lm.BOS_ID == 50256
+    assert (enc.bos_id, enc.eos_id, enc.mask_id) == (50256, 50256, 50257)
     ids = enc.encode('Hello world, block diffusion!')
     assert ids[:2] == [15496, 995]                      # GPT-2's ids for 'Hello', ' world'
     assert enc.decode(ids) == 'Hello world, block diffusion!'
-    assert enc.encode('<|endoftext|>', allowed_special='all') == [50256]
+    assert enc.encode('<|endoftext|>') == [50256]
+    assert enc.decode([50256] + ids + [50256, 50257]) == 'Hello world, block diffusion!'  # specials dropped

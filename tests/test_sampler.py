@@ -44,7 +44,7 @@ def test_window_matters_past_model_length():
 
 @pytest.mark.parametrize('block_size', [1, 4, 16])
 def test_first_hitting_makes_one_model_call_per_new_token(block_size):
-    model = random_model(block_size=block_size, model_length=16)
+    model = random_model(block_size=block_size, model_length=32)
     _, stats = model.generate(prompt(model, P=5), 23, generator=torch.Generator().manual_seed(0), return_stats=True)
     assert stats['nfe'] == 23
 
@@ -139,11 +139,19 @@ def test_stop_at_eos_rows_stop_independently():
     assert stats['nfe'] == 1                                  # stopped after the first block
 
 
-def test_stop_on_low_entropy():
-    model = _biased_model(5, block_size=16, model_length=32)
-    out, stats = model.generate(torch.tensor([[1]]), 400, stop_entropy=4.0, return_stats=True)
-    assert stats['lengths'].item() == 256                     # the first block end with 256 tokens
-    assert stats['nfe'] == 255
+def test_stop_on_low_entropy_drops_the_degenerate_window_as_bd3lms():
+    model = _biased_model(5, block_size=16, model_length=32, vocab_size=400)
+    prompt = torch.arange(10, 310)[None]                      # 300 distinct tokens: entropy ln 256 per window
+    full = model.generate(prompt, 400)                        # the model only says 5
+    # Slow rule: the first block end whose last 256 tokens have entropy < 4; bd3lms drops those 256.
+    end = next(e for e in range(304, 701, 16) if bd3lm._unigram_entropy(full[0, e - 256:e]) < 4)
+    # With a constant output the window still reaches into the prompt when the rule fires, so the cut
+    # stops at the prompt (it is never cut): every generated token of that window is dropped.
+    out, stats = model.generate(prompt, 400, stop_entropy=4.0, return_stats=True)
+    assert end == 400 and stats['lengths'].item() == max(300, end - 256) == 300
+    assert torch.equal(out[0, :300], prompt[0]) and (out[0, 300:] == model.config.eos_id).all()
+    _, stats = model.generate(torch.tensor([[1]]), 400, stop_entropy=4.0, return_stats=True)
+    assert stats['lengths'].item() == 1 and stats['nfe'] == 255
 
 
 def test_generate_rejects_bad_arguments():
@@ -161,3 +169,17 @@ def test_generate_rejects_bad_arguments():
         model.generate(torch.zeros(1, 0, dtype=torch.long), 4)
     with pytest.raises(ValueError, match='steps'):
         model.generate(good, 4, steps=0)
+
+
+def test_mdlm_past_its_context_is_refused_not_generated_blind():
+    # With block_size == model_length a block past the context would see nothing before it.
+    model = random_model(block_size=16, model_length=16)
+    assert model.generate(torch.tensor([[1]]), 15).shape == (1, 16)
+    with pytest.raises(ValueError, match='MDLM-like'):
+        model.generate(torch.tensor([[1]]), 16)
+
+
+def test_eos_defaults_to_the_model_s_own():
+    model = _biased_model(9, block_size=4, model_length=16, eos_id=9)
+    out, stats = model.generate(torch.tensor([[1, 2]]), 12, stop_at_eos=True, return_stats=True)
+    assert stats['lengths'].tolist() == [3] and (out[0, 2:] == 9).all()

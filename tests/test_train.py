@@ -41,6 +41,7 @@ def test_prepare_writes_eos_separated_uint16_tokens(data_dir):
     assert meta['train_tokens'] == len(train) > 1000 and meta['val_tokens'] > 100
     assert train[-1] == bd3lm.EOS_ID and (train == bd3lm.EOS_ID).sum() >= 2
     text = bd3lm.get_tokenizer().decode(train[:50].tolist())
+    assert meta['format'] == 'wrapped' and meta['tokenizer'] == 'gpt2' and meta['bos_id'] == 50256
     assert text.isprintable() or '\n' in text
 
 
@@ -139,7 +140,7 @@ class _FakeModel:
     class config:
         block_size = 4
 
-    def nelbo(self, x0, interval, schedule, reduction, generator):
+    def nelbo(self, x0, interval, schedule, resample, reduction, generator):
         beta, omega = interval
         std = 0.01 + abs(beta - 0.3) + abs(omega - 0.8)
         return torch.randn(x0.shape, generator=generator) * std
