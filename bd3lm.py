@@ -19,6 +19,7 @@ Read top to bottom:
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, asdict, fields
 
 import torch
@@ -902,6 +903,32 @@ def _atomic_write(path, write):
     tmp = path + '.tmp'
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_together(folder, write):
+    """Write several files into `folder` as one unit. write(stage) fills folder/.saving/, which is then
+    marked COMPLETE and moved into place file by file; recover_folder() finishes a move that a kill cut
+    off, or drops a stage that was never completed. So the files always come from the same write."""
+    stage = os.path.join(folder, '.saving')
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    write(stage)
+    open(os.path.join(stage, 'COMPLETE'), 'w').close()
+    recover_folder(folder)
+
+
+def recover_folder(folder):
+    """Finish or drop an interrupted write_together(), and remove stale temporary files (*.tmp)."""
+    stage = os.path.join(folder, '.saving')
+    if os.path.isdir(stage):
+        if os.path.exists(os.path.join(stage, 'COMPLETE')):
+            for name in sorted(os.listdir(stage)):
+                if name != 'COMPLETE' and not name.endswith('.tmp'):
+                    os.replace(os.path.join(stage, name), os.path.join(folder, name))
+        shutil.rmtree(stage)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith('.tmp'):
+            os.remove(os.path.join(folder, name))
 
 
 def load_pretrained(cls, src, device='cpu'):

@@ -30,6 +30,21 @@ kv_cache = True
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
+# Check the settings before loading anything: one line that names the problem and the fix.
+_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+_checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a positive integer'),
+           ('max_new_tokens', isinstance(max_new_tokens, int) and max_new_tokens > 0, 'a positive integer'),
+           ('steps', steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0),
+            'None (first-hitting) or a positive integer'),
+           ('top_p', _number(top_p) and 0 < top_p <= 1, 'a number in (0, 1]'),
+           ('stop_entropy', stop_entropy is None or _number(stop_entropy), 'None or a number such as 4.0'),
+           ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'")]
+for _name, _ok, _what in _checks:
+    if not _ok:
+        raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
+if device.startswith('cuda') and not torch.cuda.is_available():
+    raise SystemExit(f'--device={device}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device=cpu')
+
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
 if dtype == 'auto':
@@ -37,7 +52,10 @@ if dtype == 'auto':
 torch.manual_seed(seed)
 generator = torch.Generator(device=device).manual_seed(seed)
 
-model = bd3lm.BD3LM.from_pretrained(init_from, device=device).to(getattr(torch, dtype))
+try:
+    model = bd3lm.BD3LM.from_pretrained(init_from, device=device).to(getattr(torch, dtype))
+except (ValueError, OSError, ImportError) as e:  # the loader's messages name the problem and the fix
+    raise SystemExit(f'--init_from={init_from}: {e}') from None
 if compile:
     model._run = torch.compile(model._run, dynamic=True)   # the per-block transformer pass
 enc = bd3lm.get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries

@@ -14,7 +14,6 @@ weights) that BD3LM.from_pretrained(out_dir) and sample.py --init_from=out_dir l
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -110,29 +109,14 @@ def safe_exp(x):  # perplexity of a NELBO; a diverged run's huge NELBO gives inf
     return math.exp(x) if x < 700 else float('inf')
 
 
-def finish_interrupted_save(out_dir):
-    """save_checkpoint() writes every file into out_dir/.saving/ first and marks it COMPLETE before moving
-    the files into place, so ckpt.pt and the model folder always belong to the same iteration. If a save
-    was killed, finish it (marked complete) or drop it (not), and remove stale temporary files."""
-    stage = os.path.join(out_dir, '.saving')
-    if os.path.isdir(stage):
-        if os.path.exists(os.path.join(stage, 'COMPLETE')):
-            for name in os.listdir(stage):
-                if name != 'COMPLETE' and not name.endswith('.tmp'):
-                    os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
-        shutil.rmtree(stage)
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        if name.endswith('.tmp'):
-            os.remove(os.path.join(out_dir, name))
-
-
 try:  # an unwritable out_dir is found now, not at the first save after training
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryFile(dir=out_dir):
         pass
 except OSError as e:
     raise SystemExit(f'--out_dir={out_dir}: cannot write there ({e.strerror}); choose a writable folder')
-finish_interrupted_save(out_dir)
+if int(os.environ.get('RANK', 0)) == 0:
+    bd3lm.recover_folder(out_dir)  # a save that a kill cut off is finished or dropped
 
 ddp = int(os.environ.get('RANK', -1)) != -1
 if device == 'auto':
@@ -230,7 +214,10 @@ elif init_from == 'scratch':
             if 'adaLN_modulation' in name or name.startswith('output_layer.linear'):
                 p.zero_()
 else:  # fine-tune: the pretrained weights, loaded strictly into this run's config (e.g. a new block_size)
-    pretrained = bd3lm.BD3LM.from_pretrained(init_from)
+    try:
+        pretrained = bd3lm.BD3LM.from_pretrained(init_from)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f'--init_from={init_from}: {e}') from None
     theirs = {k: getattr(pretrained.config, k) for k in ('tokenizer', 'vocab_size', 'mask_id', 'bos_id', 'eos_id')}
     ours = {k: getattr(config, k) for k in theirs}
     if theirs != ours or (meta.get('vocab') is not None and meta['vocab'] != pretrained.vocab):
@@ -333,20 +320,17 @@ def lr_at(it):
 
 def save_checkpoint():
     """ckpt.pt (everything needed to resume exactly) and the EMA model as config.json + model.safetensors,
-    as one unit: all of it is written to out_dir/.saving/, marked COMPLETE, then moved into place (see
-    finish_interrupted_save), so a kill at any point leaves ckpt.pt and the model from the same iteration."""
-    stage = os.path.join(out_dir, '.saving')
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
+    written together (bd3lm.write_together): a kill at any point leaves them from the same iteration."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': asdict(config),
              'ema': ema_params, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': settings,
              'data_gen': data_gen.get_state(), 'noise_gen': noise_gen.get_state().cpu(),
              'torch_rng': torch.get_rng_state(), 'next_batch': x0.cpu()}
-    torch.save(state, os.path.join(stage, 'ckpt.pt'))
-    with ema_weights():
-        model.save_pretrained(stage)
-    open(os.path.join(stage, 'COMPLETE'), 'w').close()
-    finish_interrupted_save(out_dir)
+
+    def write(folder):
+        torch.save(state, os.path.join(folder, 'ckpt.pt'))
+        with ema_weights():
+            model.save_pretrained(folder)
+    bd3lm.write_together(out_dir, write)
 
 
 def mfu(tokens_per_second):
