@@ -468,11 +468,12 @@ class BD3LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
-                 stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False):
+                 stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False,
+                 temperature=1.0):
         """Generate block by block (Alg. 2). See the sampler section below for the details."""
         return generate(self, idx, max_new_tokens, steps=steps, top_p=top_p, kv_cache=kv_cache,
                         generator=generator, stop_at_eos=stop_at_eos, stop_entropy=stop_entropy,
-                        eos_id=eos_id, on_block=on_block, return_stats=return_stats)
+                        eos_id=eos_id, on_block=on_block, return_stats=return_stats, temperature=temperature)
 
     # --- loading and saving -------------------------------------------------------
 
@@ -693,7 +694,8 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 
 def _nucleus(probs, top_p):
     # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one token).
-    if top_p >= 1.0:
+    # top_p: a number, or a tensor broadcastable to probs[..., :1] (one value per row).
+    if bool((torch.as_tensor(top_p) >= 1.0).all()):
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
     keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p * sorted_p.sum(-1, keepdim=True)
@@ -703,10 +705,23 @@ def _nucleus(probs, top_p):
     return probs / probs.sum(-1, keepdim=True)
 
 
-def _sample_categorical(probs, generator):
+def _uniform(shape, generator, device, dtype=torch.float32, rows=None):
+    """U[0, 1) draws of `shape` = (B, ...). generator: one torch.Generator for the whole batch, or a list
+    of B, one per row, so that a row's draws never depend on which other rows share the batch (a server
+    batches requests that each carry their own seed). With a list only `rows` (B,) bool draw; the other
+    rows get zeros and their generators are not advanced."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    out = torch.zeros(shape, device=device, dtype=dtype)
+    for r in (range(shape[0]) if rows is None else rows.nonzero().flatten().tolist()):
+        out[r] = torch.rand(shape[1:], generator=generator[r], device=device, dtype=dtype)
+    return out
+
+
+def _sample_categorical(probs, generator, rows=None):
     # Inverse-CDF sampling in float64: one uniform per distribution, device-agnostic and reproducible.
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[:-1] + (1,), dtype=probs.dtype, device=probs.device, generator=generator)
+    u = _uniform(probs.shape[:-1] + (1,), generator, probs.device, probs.dtype, rows)
     return torch.searchsorted(cdf, u * cdf[..., -1:]).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
@@ -717,10 +732,14 @@ def _unigram_entropy(tokens):
 
 
 def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
-             stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False):
-    """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max_new_tokens).
+             stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False,
+             temperature=1.0):
+    """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max(max_new_tokens)).
 
-    top_p: nucleus sampling (tiny = greedy). stop_at_eos: a row stops after the first EOS it generates.
+    max_new_tokens, top_p, temperature: one value, or one per row (a list or (B,) tensor), so that
+    requests with different settings can share a batch. temperature divides the logits (0 = greedy);
+    top_p: nucleus sampling. generator: a torch.Generator, or a list of B (one per row; see _uniform).
+    stop_at_eos: a row stops after the first EOS it generates.
     stop_entropy: bd3lms' variable-length rule (the paper uses 4): once the unigram entropy of a row's
     last 256 tokens falls below this, the row stops and those 256 degenerate tokens are dropped (never the
     prompt). Rows stop independently; positions after a row's end are filled with eos_id (default: the
@@ -733,31 +752,41 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f'idx must be a (B, P) tensor of prompt ids with P >= 1 (start it with the model\'s '
                          f'BOS, config.bos_id = {cfg.bos_id})')
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
-    if not 0 < top_p <= 1:
-        raise ValueError(f'top_p must be in (0, 1], got {top_p}')
+    B, P = idx.shape
+    device = model.vocab_embed.embedding.device
+    per_row = lambda v, dtype: torch.as_tensor(v, dtype=dtype, device=device).expand(B).clone()
+    if isinstance(max_new_tokens, bool) or not all(isinstance(m, int) and m > 0 for m in
+                                                   (max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens])):
+        raise ValueError(f'max_new_tokens must be a positive integer (or one per row), got {max_new_tokens!r}')
+    new_tokens = per_row(max_new_tokens, torch.long)
+    top_p, temperature = per_row(top_p, torch.float64), per_row(temperature, torch.float64)
+    if not ((top_p > 0) & (top_p <= 1)).all():
+        raise ValueError(f'top_p must be in (0, 1], got {top_p.tolist()}')
+    if not (temperature >= 0).all():
+        raise ValueError(f'temperature must be >= 0 (0 = greedy), got {temperature.tolist()}')
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f'a list of generators needs one per row: {len(generator)} for {B} rows')
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f'steps must be None (first-hitting) or a positive integer, got {steps!r}')
     if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size:
         raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}]')
     if (idx == mask_id).any():
         raise ValueError(f'the prompt contains the mask id {mask_id}; prompts must be clean tokens')
-    if bs == window and idx.shape[1] + max_new_tokens > window:
+    max_new = int(new_tokens.max())
+    if bs == window and P + max_new > window:
         # With one block per context, a block past the context would see no earlier block at all. bd3lms
         # continues MDLM with an overlapping stride instead; that is a different sampler, not offered here.
         raise ValueError(f'this model is MDLM-like (block_size = model_length = {window}), so it generates at '
-                         f'most {window} tokens including the prompt ({idx.shape[1]} + {max_new_tokens} asked); '
+                         f'most {window} tokens including the prompt ({P} + {max_new} asked); '
                          f'lower max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
 
-    device = model.vocab_embed.embedding.device
-    B, P = idx.shape
-    total = P + max_new_tokens
+    totals = P + new_tokens                                                  # (B,) each row's end
+    total = P + max_new
     n_blocks = -(-total // bs)
     x = torch.full((B, n_blocks * bs), mask_id, dtype=torch.long, device=device)
     x[:, :P] = idx.to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.full((B,), total, dtype=torch.long, device=device)
+    lengths = totals.clone()
     stats = {'nfe': 0, 'forward_passes': 0}
     cache = None
     if kv_cache:
@@ -792,7 +821,11 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
             c = c[:, None]
         logits = model.output_layer(h, c).double()
         logits[..., mask_id] = -float('inf')
-        return _nucleus(logits.softmax(-1), top_p)
+        shape = (B,) + (1,) * (logits.dim() - 1)
+        temp, greedy = temperature.view(shape), temperature.view(shape) == 0
+        probs = (logits / torch.where(greedy, 1.0, temp)).softmax(-1)
+        probs = torch.where(greedy, F.one_hot(logits.argmax(-1), logits.shape[-1]).double(), probs)
+        return _nucleus(probs, top_p.view(shape))
 
     # Clean blocks enter the cache with one pass each. Only a time-conditioned model reads the noise
     # level there (adaLN modulates every position); it gets the clean end of the schedule. Without
@@ -807,17 +840,17 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
     for b in range(first_block, n_blocks):
         lo, hi = b * bs, (b + 1) * bs
         pos = torch.arange(lo, hi, device=device)
-        active = (x[:, lo:hi] == mask_id) & (pos < total) & ~done[:, None]   # (B, bs) to be generated
+        active = (x[:, lo:hi] == mask_id) & (pos < totals[:, None]) & ~done[:, None]   # (B, bs) to generate
         t = torch.ones(B, dtype=torch.float64, device=device)
         if steps is None:
             while active.any():
                 n = active.sum(-1)
-                u = torch.rand(B, dtype=torch.float64, device=device, generator=generator)
+                u = _uniform((B,), generator, device, torch.float64, n > 0)
                 t = torch.where(n > 0, t * u ** (1 / n.clamp(min=1)), t)
-                score = torch.rand(B, bs, device=device, generator=generator).masked_fill(~active, -1)
+                score = _uniform((B, bs), generator, device, rows=n > 0).masked_fill(~active, -1)
                 j = score.argmax(-1)                                          # a uniform masked position
                 rows = torch.arange(B, device=device)
-                token = _sample_categorical(denoiser_probs(lo, t.float(), j), generator)
+                token = _sample_categorical(denoiser_probs(lo, t.float(), j), generator, n > 0)
                 reveal = active[rows, j]
                 x[rows[reveal], lo + j[reveal]] = token[reveal]
                 active[rows, j] = False
@@ -829,8 +862,9 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
                 t_now, s = 1 - i / steps, 1 - (i + 1) / steps
                 if probs is None or cfg.time_conditioning:
                     probs = denoiser_probs(lo, torch.full((B,), t_now, device=device))
-                reveal = active & (torch.rand(B, bs, dtype=torch.float64, device=device, generator=generator) < 1 - s / t_now)
-                token = _sample_categorical(probs, generator)
+                drawing = active.any(-1)
+                reveal = active & (_uniform((B, bs), generator, device, torch.float64, drawing) < 1 - s / t_now)
+                token = _sample_categorical(probs, generator, drawing)
                 x[:, lo:hi] = torch.where(reveal, token, x[:, lo:hi])
                 active &= ~reveal
                 if reveal.any():
