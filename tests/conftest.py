@@ -35,3 +35,14 @@ def reference():
     if not os.path.exists(path):
         pytest.skip('the shared reference fixtures are not next to this checkout')
     return torch.load(path, weights_only=False)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    """A small token dataset in the prepare.py format (wrapped GPT-2), made from the embedded corpus's first
+    documents: <data_dir>/tiny/{train,val}.bin + meta.json."""
+    import prepare
+    root = tmp_path_factory.mktemp('data')
+    docs = [text for _, (_, text) in zip(range(60), prepare.python_docs())]
+    prepare.write(((f'doc{i}', d) for i, d in enumerate(docs)), str(root / 'tiny'), 0.2, 'test')
+    return str(root)

@@ -8,12 +8,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import bd3lm
-import prepare
 from conftest import random_model, random_tokens
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -24,14 +22,6 @@ TINY = ['--block_size=4', '--model_length=16', '--n_blocks=1', '--n_heads=2', '-
 
 def run(script, *args, timeout=300):
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    docs = [text for _, (_, text) in zip(range(40), prepare.python_docs())]
-    prepare.write(((f'doc{i}', d) for i, d in enumerate(docs)), str(root / 'tiny'), 0.2, 'test')
-    return str(root)
 
 
 # --- 1. half precision ----------------------------------------------------------------------------------

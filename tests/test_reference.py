@@ -62,7 +62,7 @@ def test_save_pretrained_writes_the_released_layout(reference, tmp_path):
         torch.testing.assert_close(again(reference['xt'], reference['x0']), reference['logits_train'], atol=1e-4, rtol=0)
 
 
-def test_released_config_without_adaln_key_defaults_to_adaln(tmp_path):
+def test_released_config_without_adaln_key_defaults_to_adaln(reference, tmp_path):
     model = bd3lm.BD3LM.from_pretrained(REFERENCE)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / 'config.json').read_text())

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 import bd3lm
@@ -23,16 +22,6 @@ def run_train(*args, check=True, launcher=(sys.executable,)):
     if check and proc.returncode != 0:
         raise AssertionError(f'train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    """A small token dataset in the prepare.py format, made from the embedded corpus's first documents."""
-    import prepare
-    root = tmp_path_factory.mktemp('data')
-    docs = [text for _, (_, text) in zip(range(60), prepare.python_docs())]
-    prepare.write(((f'doc{i}', d) for i, d in enumerate(docs)), str(root / 'tiny'), 0.2, 'test')
-    return str(root)
 
 
 def test_prepare_writes_eos_separated_uint16_tokens(data_dir):
