@@ -140,7 +140,7 @@ def local_text(path):
         yield name, _read_text(name)
 
 
-def hf_dataset(name):
+def hf_dataset(name, splits=('train', 'val')):
     """Yields (name, text, split) for one of HF_DATASETS (online; needs `datasets`)."""
     try:
         from datasets import load_dataset
@@ -154,6 +154,8 @@ def hf_dataset(name):
             yield f'{name}:{i}', detokenize(name, row[field]), 'val' if i >= first_val else 'train'
         return
     for split, hf_split in (('train', 'train'), ('val', val_split)):
+        if split not in splits:
+            continue
         for i, row in enumerate(load_dataset(repo, config, split=hf_split)):
             yield f'{name}:{hf_split}:{i}', detokenize(name, row[field]), split
 
@@ -201,14 +203,16 @@ def is_val(name, val_fraction):
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
 
 
-def write(docs, out_dir, val_fraction, source, total=None, tokenizer='gpt2', fmt='wrapped', eos_per_doc=True):
-    """docs: (name, text) pairs split by a hash of the name, or (name, text, split) triples."""
+def write(docs, out_dir, val_fraction, source, total=None, tokenizer='gpt2', fmt='wrapped', eos_per_doc=True,
+          splits=('train', 'val')):
+    """docs: (name, text) pairs split by a hash of the name, or (name, text, split) triples. splits=('val',)
+    writes the validation split alone (zero-shot evaluation needs no train.bin)."""
     if fmt not in FORMATS:
         raise SystemExit(f'--format={fmt!r}: choose one of {FORMATS}')
     if not 0 <= val_fraction < 1:
         raise SystemExit(f'--val_fraction={val_fraction}: must be in [0, 1)')
     enc, vocab = load_tokenizer(tokenizer)
-    splits = {'train': [], 'val': []}
+    wanted, splits = splits, {'train': [], 'val': []}
     n_docs = 0
     for doc in tqdm(docs, desc=f'tokenizing {source}', unit='doc', total=total, mininterval=2):
         name, text = doc[:2]
@@ -216,11 +220,12 @@ def write(docs, out_dir, val_fraction, source, total=None, tokenizer='gpt2', fmt
         ids = enc.encode_batch([text])[0] + ([enc.eos_id] if eos_per_doc else [])
         splits[split].append(np.array(ids, dtype=np.uint16))
         n_docs += 1
-    if val_fraction > 0 and not (splits['train'] and splits['val']):
+    if val_fraction > 0 and len(wanted) == 2 and not (splits['train'] and splits['val']):
         # Too few documents for a split by name (one long file, say): hold out the stream's tail instead.
         stream = np.concatenate(splits['train'] + splits['val'])
         cut = int(len(stream) * (1 - val_fraction))
         splits = {'train': [stream[:cut]] if cut > 0 else [], 'val': [stream[cut:]] if cut < len(stream) else []}
+    splits = {s: arrays for s, arrays in splits.items() if s in wanted}
     empty = [s for s, arrays in splits.items() if not sum(map(len, arrays))]
     if empty:
         raise SystemExit(f'{source}: the {" and ".join(empty)} split would be empty ({n_docs} document(s)); give more '
@@ -302,6 +307,7 @@ if __name__ == '__main__':
     p.add_argument('--val_fraction', type=float, default=0.05, help='for --input and the embedded corpus')
     p.add_argument('--tokenizer', help='gpt2, bert-base-uncased or a vocab.txt (default: the dataset\'s; gpt2)')
     p.add_argument('--format', choices=FORMATS, help='how sequences are cut (default: the dataset\'s; wrapped)')
+    p.add_argument('--val_only', action='store_true', help='--dataset: write val.bin alone (zero-shot evaluation)')
     args = p.parse_args()
     if args.input and args.dataset:
         raise SystemExit('give --input or --dataset, not both')
@@ -312,8 +318,9 @@ if __name__ == '__main__':
     out = os.path.join(args.data_dir, name)
     if args.dataset:
         _, _, _, _, tokenizer, fmt, eos_per_doc = HF_DATASETS[args.dataset]
-        write(hf_dataset(args.dataset), out, 0.0, args.dataset, tokenizer=args.tokenizer or tokenizer,
-              fmt=args.format or fmt, eos_per_doc=eos_per_doc)
+        splits = ('val',) if args.val_only else ('train', 'val')
+        write(hf_dataset(args.dataset, splits), out, 0.0, args.dataset, tokenizer=args.tokenizer or tokenizer,
+              fmt=args.format or fmt, eos_per_doc=eos_per_doc, splits=splits)
     else:
         docs = local_text(args.input) if args.input else python_docs()
         write(docs, out, args.val_fraction, args.input or 'python_docs', tokenizer=args.tokenizer or 'gpt2',

@@ -3,7 +3,13 @@ Sample from a BD3-LM: released weights, a bd3lms Lightning checkpoint or a train
 
     python sample.py --init_from=kuleshov-group/bd3lm-owt-block_size16 --start="The meaning of life"
     python sample.py --init_from=out-demo --num_samples=3 --max_new_tokens=128 --steps=4
+    python sample.py config/genppl_owt.py --init_from=kuleshov-group/bd3lm-owt-block_size4   # the paper's gen PPL
+
+With --gen_ppl_model=NAME_OR_PATH (any Hugging Face causal LM, e.g. gpt2-large; needs `transformers`)
+the samples are scored as in the paper: generative perplexity under that judge, and their unigram entropy.
 """
+import json
+import math
 import os
 import sys
 import time
@@ -27,6 +33,10 @@ device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'          # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
 compile = False         # torch.compile the transformer pass
 kv_cache = True
+temperature = 1.0       # divides the logits (0 = greedy)
+gen_ppl_model = None    # e.g. 'gpt2-large': score the samples' generative perplexity with this causal LM
+gen_ppl_stride = 512    # sliding-window stride over the judge's context for long samples
+out_file = None         # write the samples, gen_ppl, entropy, NFEs and these settings as JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -38,6 +48,8 @@ _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a 
             'None (first-hitting) or a positive integer'),
            ('top_p', _number(top_p) and 0 < top_p <= 1, 'a number in (0, 1]'),
            ('stop_entropy', stop_entropy is None or _number(stop_entropy), 'None or a number such as 4.0'),
+           ('temperature', _number(temperature) and temperature >= 0, 'a number >= 0'),
+           ('gen_ppl_stride', isinstance(gen_ppl_stride, int) and gen_ppl_stride > 0, 'a positive integer'),
            ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'")]
 for _name, _ok, _what in _checks:
     if not _ok:
@@ -88,7 +100,8 @@ def on_block(x, end):
 
 t0 = time.perf_counter()
 out, stats = model.generate(idx, max_new_tokens, steps=steps, top_p=top_p, kv_cache=kv_cache, generator=generator,
-                            stop_at_eos=stop_at_eos, stop_entropy=stop_entropy, on_block=on_block, return_stats=True)
+                            stop_at_eos=stop_at_eos, stop_entropy=stop_entropy, on_block=on_block, return_stats=True,
+                            temperature=temperature)
 if device.startswith('cuda'):
     torch.cuda.synchronize()
 elapsed = time.perf_counter() - t0
@@ -102,3 +115,55 @@ else:
 new_tokens = int((stats['lengths'] - len(prompt)).sum())
 print(f'---------- {new_tokens} tokens in {elapsed:.2f}s ({new_tokens / elapsed:.1f} tokens/s), '
       f'{stats["nfe"]} model calls (NFEs)', file=sys.stderr)
+
+
+@torch.no_grad()
+def generative_perplexity(texts, judge_name, stride=512):
+    """The paper's sample-quality protocol: each text is re-tokenized with the judge's tokenizer, the
+    judge's BOS first; every token after it that is not EOS is scored, with windows of the judge's context
+    starting every `stride` tokens (a window scores the tokens the previous one did not reach). Returns
+    exp(total NLL / scored tokens) over all texts, token-weighted, and the number of scored tokens."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise SystemExit('--gen_ppl_model needs transformers: pip install transformers') from None
+    judge_tok = AutoTokenizer.from_pretrained(judge_name)
+    judge = AutoModelForCausalLM.from_pretrained(judge_name).to(device).eval()
+    context = getattr(judge.config, 'n_positions', None) or judge.config.max_position_embeddings
+    stride = min(stride, context)
+    bos = judge_tok.bos_token_id if judge_tok.bos_token_id is not None else judge_tok.eos_token_id
+    total, count = 0.0, 0
+    for text in tqdm(texts, desc='gen ppl', unit='sample', file=sys.stderr, leave=False):
+        ids = torch.tensor([bos] + judge_tok.encode(text, add_special_tokens=False), device=device)
+        scored_to = 1                                   # position 0 is BOS: never a target
+        for begin in range(0, len(ids), stride):
+            end = min(begin + context, len(ids))
+            if end > scored_to:
+                log_p = judge(ids[None, begin:end]).logits[0].float().log_softmax(-1)     # (end - begin, V)
+                targets = torch.arange(scored_to, end, device=device)
+                nll = -log_p[targets - 1 - begin].gather(-1, ids[targets][:, None]).squeeze(-1)
+                keep = ids[targets] != judge_tok.eos_token_id
+                total += nll[keep].double().sum().item()
+                count += int(keep.sum())
+                scored_to = end
+            if end == len(ids):
+                break
+    return (math.exp(total / count) if count else float('nan')), count
+
+
+if gen_ppl_model is not None or out_file is not None:
+    rows = [out[i, len(prompt):int(stats['lengths'][i])].tolist() for i in range(num_samples)]
+    rows = [[t for t in row if t != model.config.eos_id] for row in rows]
+    texts = [enc.completion(prompt, row) for row in rows]
+    result = {'samples': texts, 'nfe': stats['nfe'],
+              'entropy': sum(bd3lm._unigram_entropy(torch.tensor(r)) for r in rows if r) / max(1, sum(1 for r in rows if r)),
+              'settings': {k: globals()[k] for k in ('init_from', 'start', 'num_samples', 'max_new_tokens', 'steps', 'top_p',
+                                                     'temperature', 'stop_at_eos', 'stop_entropy', 'seed', 'kv_cache',
+                                                     'dtype', 'gen_ppl_model', 'gen_ppl_stride')}}
+    if gen_ppl_model is not None:
+        result['gen_ppl'], result['gen_ppl_tokens'] = generative_perplexity(texts, gen_ppl_model, gen_ppl_stride)
+        print(f'generative perplexity under {gen_ppl_model}: {result["gen_ppl"]:.2f} ({result["gen_ppl_tokens"]:,} '
+              f'tokens), unigram entropy {result["entropy"]:.3f}', file=sys.stderr)
+    if out_file is not None:
+        with open(out_file, 'w') as f:
+            json.dump(result, f, indent=2)

@@ -31,6 +31,9 @@ import prepare
 # I/O
 out_dir = 'out-demo'
 init_from = 'scratch'       # 'scratch', 'resume' (from out_dir), or a model to fine-tune: hub id, folder, .ckpt
+eval_only = False           # score the whole validation split of --dataset with --init_from's model and exit
+eval_batch_size = 16        # chunks per batch in eval_only
+eval_passes = 1             # eval_only: passes over the split, each with fresh noise (more passes: a tighter estimate)
 eval_interval = 125
 eval_iters = 10             # validation batches per evaluation
 log_interval = 25
@@ -88,7 +91,8 @@ settings = {k: v for k, v in globals().items() if not k.startswith('_') and isin
 
 # Check every setting before any work is done: one line that names the problem and the fix.
 _positive = ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval', 'block_size',
-             'model_length', 'n_blocks', 'n_heads', 'hidden_dim', 'cond_dim', 'clip_search_iters')
+             'model_length', 'n_blocks', 'n_heads', 'hidden_dim', 'cond_dim', 'clip_search_iters', 'eval_batch_size',
+             'eval_passes')
 for _name in _positive:
     if not isinstance(globals()[_name], int) or isinstance(globals()[_name], bool) or globals()[_name] <= 0:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be a positive integer')
@@ -150,10 +154,13 @@ if device_type == 'cuda':
 
 # --- data --------------------------------------------------------------------------------------------
 data_dir = os.path.join(data_dir, dataset)
+splits = ('val',) if eval_only else ('train', 'val')  # evaluation needs no train.bin
+
+
 def _prepared(folder):
     try:
         with open(os.path.join(folder, 'meta.json')) as f:
-            return 'format' in json.load(f) and os.path.exists(os.path.join(folder, 'train.bin'))
+            return 'format' in json.load(f) and all(os.path.exists(os.path.join(folder, f'{s}.bin')) for s in splits)
     except (OSError, ValueError):
         return False
 
@@ -165,13 +172,69 @@ if not _prepared(data_dir):
         if ddp:
             dist.barrier()
     else:
-        raise SystemExit(f'dataset {dataset!r} not found: {data_dir}/train.bin is missing. Make it with '
+        raise SystemExit(f'dataset {dataset!r} not found: {data_dir}/{"/".join(s + ".bin" for s in splits)} or meta.json is missing. Make it with '
                          f'`python prepare.py --dataset={dataset}` or `python prepare.py --input=PATH --name={dataset}`')
 meta = prepare.read_meta(data_dir)  # the tokenizer, special ids and sequence format of this dataset
-data = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') for split in ('train', 'val')}
+data = {split: np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r') for split in splits}
 for split, tokens in data.items():
-    if len(tokens) < model_length:
+    if len(tokens) < model_length and not eval_only:
         raise SystemExit(f'{data_dir}/{split}.bin holds {len(tokens)} tokens, fewer than model_length={model_length}')
+
+
+def check_tokens(model, what):
+    # The model and the data must speak the same tokens (vocabulary, special ids).
+    theirs = {k: getattr(model.config, k) for k in ('tokenizer', 'vocab_size', 'mask_id', 'bos_id', 'eos_id')}
+    ours = prepare.model_config_fields(meta)
+    if theirs != ours or (meta.get('vocab') is not None and meta['vocab'] != model.vocab):
+        raise SystemExit(f'{what} was trained with other tokens ({theirs}) than {data_dir} holds ({ours}); '
+                         f'prepare the data with the model\'s tokenizer')
+
+
+@torch.no_grad()
+def evaluate_likelihood(model):
+    """The paper's likelihood protocol (bd3lms ppl_eval): every consecutive model_length chunk of the
+    validation stream, in the dataset's format; one t per block from the full interval [1e-3, 1] with
+    antithetic sampling; position 0 of each chunk never masked or scored. Returns (NELBO in nats per
+    scored token averaged over eval_passes passes, scored tokens per pass). Block size 1 is scored at
+    t = 1, where the NELBO is the exact autoregressive NLL, as bd3lms does."""
+    L = model.config.model_length
+    chunks = prepare.chunks(data['val'], L, meta)
+    if len(chunks) == 0:
+        raise SystemExit(f'{data_dir}/val.bin holds {len(data["val"])} tokens, too few for one {L}-token chunk')
+    interval = (1.0, 1.0) if model.config.block_size == 1 else bd3lm.FULL_INTERVAL
+    noise = torch.Generator(device).manual_seed(seed)
+    total = 0.0
+    batches = range(0, len(chunks), eval_batch_size)
+    for _ in range(eval_passes):
+        for i in tqdm(batches, desc='evaluating', unit='batch', disable=not master, mininterval=2):
+            x0 = chunks[i:i + eval_batch_size].to(device)
+            with autocast:
+                per_token = model.nelbo(x0, interval=interval, reduction='none', generator=noise)
+            total += per_token[:, 1:].double().sum().item()
+    tokens = len(chunks) * (L - 1)
+    return total / (tokens * eval_passes), tokens
+
+
+if eval_only:
+    if not master:
+        raise SystemExit('eval_only runs in one process; start it without torchrun')
+    source = out_dir if init_from == 'resume' else init_from
+    if source == 'scratch':
+        raise SystemExit('--eval_only=True needs a model: --init_from=<hub id, folder, .ckpt> or resume (out_dir)')
+    try:
+        model = bd3lm.BD3LM.from_pretrained(source, device=device)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f'--init_from={source}: {e}') from None
+    check_tokens(model, source)
+    t0 = time.time()
+    nelbo, tokens = evaluate_likelihood(model)
+    result = {'nelbo': nelbo, 'ppl': safe_exp(nelbo), 'tokens': tokens, 'passes': eval_passes, 'model': source,
+              'dataset': dataset, 'format': meta['format'], 'seed': seed, 'minutes': (time.time() - t0) / 60}
+    print(f'{source} on {dataset} (val, {meta["format"]}): NELBO {nelbo:.4f} nats/token, perplexity <= '
+          f'{result["ppl"]:.2f} ({tokens:,} scored tokens x {eval_passes} pass(es), seed {seed})')
+    with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    sys.exit(0)
 # Separate generators for the data and the noise, saved in checkpoints so that --resume continues exactly.
 data_gen = torch.Generator().manual_seed(seed + rank)
 noise_gen = torch.Generator(device).manual_seed(seed + 1000 + rank)
@@ -218,11 +281,7 @@ else:  # fine-tune: the pretrained weights, loaded strictly into this run's conf
         pretrained = bd3lm.BD3LM.from_pretrained(init_from)
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f'--init_from={init_from}: {e}') from None
-    theirs = {k: getattr(pretrained.config, k) for k in ('tokenizer', 'vocab_size', 'mask_id', 'bos_id', 'eos_id')}
-    ours = {k: getattr(config, k) for k in theirs}
-    if theirs != ours or (meta.get('vocab') is not None and meta['vocab'] != pretrained.vocab):
-        raise SystemExit(f'init_from={init_from} was trained with other tokens ({theirs}) than {data_dir} holds '
-                         f'({ours}); prepare the data with the model\'s tokenizer')
+    check_tokens(pretrained, f'init_from={init_from}')
     try:
         model = bd3lm._build(bd3lm.BD3LM, config, pretrained.state_dict(), 'cpu', f'init_from={init_from}')
     except ValueError as e:
