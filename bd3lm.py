@@ -410,57 +410,78 @@ class BD3LM(nn.Module):
         xt: (B, L) noisy tokens; sampled from q(xt | x0, t) if None.
         reduction: 'mean' -> scalar averaged over all positions but the first;
                    'none' -> (B, L) per-token terms (0 at unmasked positions and at position 0).
+        Under torch.compile, pass t and xt (drawn eagerly with forward_process): random draws and the input
+        checks, which read values on the host, stay outside the compiled graph.
         """
-        self._check_tokens(x0, 'x0')
-        if (x0 == self.config.mask_id).any():
-            raise ValueError(f'x0 contains the mask id {self.config.mask_id}: clean data must not hold the mask token '
-                             f'(prepare the data with this model\'s tokenizer)')
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            self._check_tokens(x0, 'x0')
+            if (x0 == self.config.mask_id).any():
+                raise ValueError(f'x0 contains the mask id {self.config.mask_id}: clean data must not hold the mask '
+                                 f'token (prepare the data with this model\'s tokenizer)')
         B, L = x0.shape
         bs = self.config.block_size
-        if interval is None:
-            interval = FULL_INTERVAL
+        interval = FULL_INTERVAL if interval is None else interval
         if t is None:
             t = sample_t(B, L // bs, *interval, antithetic=antithetic, device=x0.device, generator=generator)
-        t = self._expand_t(t, B, L)
+        t = self._expand_t(t, B, L, check=eager)
         move_chance, weight = noise_schedule(t, schedule)
         if xt is None:
-            xt = q_xt(x0, move_chance, self.config.mask_id, bs,
-                      interval if resample else None, generator=generator)
-        else:
+            xt = q_xt(x0, move_chance, self.config.mask_id, bs, interval if resample else None, generator=generator)
+        elif eager:
             self._check_tokens(xt, 'xt')
             if xt.shape != x0.shape:
                 raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
         sigma = sigma_from_move_chance(move_chance[:, 0]) if self.config.time_conditioning else None
         h = self._hidden_train(xt, x0, sigma)                          # (B, L, D)
-        # SUBS: unmasked tokens are copied, so they contribute exactly 0 and need no logits. Only the
-        # masked positions (excluding BOS) go through the vocabulary projection.
+        # SUBS: unmasked tokens are copied, so they contribute exactly 0 and need no logits.
         masked = xt == self.config.mask_id
         masked[:, 0] = False
-        rows = masked.nonzero(as_tuple=True)
         c = self._cond(x0, sigma)
-        logits = self.output_layer(h[rows], None if c is None else c[rows[0]])   # (N, V)
-        log_p = subs_log_probs(logits, self.config.mask_id)                      # (N, V)
-        nll = -log_p.gather(-1, x0[rows][:, None]).squeeze(-1)                   # (N,)
-        per_token = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
-        per_token[rows] = weight[rows].to(nll.dtype) * nll
+        if eager:
+            # Only the masked positions (about a quarter of the 2L) go through the vocabulary projection.
+            rows = masked.nonzero(as_tuple=True)
+            logits = self.output_layer(h[rows], None if c is None else c[rows[0]])   # (N, V)
+            nll = -subs_log_probs(logits, self.config.mask_id).gather(-1, x0[rows][:, None]).squeeze(-1)  # (N,)
+            per_token = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
+            per_token[rows] = weight[rows].to(nll.dtype) * nll
+        else:
+            # Compiled: the gather above has a data-dependent shape, which breaks the graph and recompiles
+            # as the number of masked tokens changes. Project every position instead and zero the unmasked
+            # ones: fixed shapes, one graph, the same numbers (the cost is measured in README).
+            logits = self.output_layer(h, None if c is None else c[:, None])           # (B, L, V)
+            nll = -subs_log_probs(logits, self.config.mask_id).gather(-1, x0[..., None]).squeeze(-1)
+            per_token = torch.where(masked, weight.to(nll.dtype) * nll, torch.zeros_like(nll))
         if reduction == 'none':
             return per_token
         if reduction != 'mean':
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         return per_token[:, 1:].sum() / (B * (L - 1))
 
+    def forward_process(self, x0, interval=None, schedule='loglinear', antithetic=True, resample=False,
+                        generator=None):
+        """Draw one noise level per block, t ~ U[interval], and xt ~ q(xt | x0, t): returns (t, xt), each
+        (B, L). nelbo(x0) does this itself; a compiled training step calls it eagerly and passes t and xt."""
+        B, L = x0.shape
+        bs = self.config.block_size
+        interval = FULL_INTERVAL if interval is None else interval
+        t = sample_t(B, L // bs, *interval, antithetic=antithetic, device=x0.device, generator=generator)
+        t = t.repeat_interleave(bs, dim=1)
+        move_chance, _ = noise_schedule(t, schedule)
+        return t, q_xt(x0, move_chance, self.config.mask_id, bs, interval if resample else None, generator=generator)
+
     def clipped_interval(self):
         """The clipped noise interval [beta, omega] the model trains with (saved with its weights)."""
         return float(self.sampling_eps_min), float(self.sampling_eps_max)
 
-    def _expand_t(self, t, B, L):
+    def _expand_t(self, t, B, L, check=True):
         bs = self.config.block_size
         t = torch.as_tensor(t, dtype=torch.float32, device=self.sampling_eps_min.device)
         if t.shape == (B, L // bs) and bs > 1:
             t = t.repeat_interleave(bs, dim=1)
         if t.shape != (B, L):
             raise ValueError(f't must have shape (B, L)={B, L} or (B, L // block_size)={B, L // bs}, got {tuple(t.shape)}')
-        if not ((t > 0) & (t <= 1)).all():  # also catches NaN
+        if check and not ((t > 0) & (t <= 1)).all():  # also catches NaN
             raise ValueError('t must lie in (0, 1] (no NaN): the loss weight 1/t is infinite at t = 0')
         return t
 

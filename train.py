@@ -293,6 +293,9 @@ if init_from != 'resume':
     model.sampling_eps_max.fill_(sampling_eps_max)
 model.to(device)
 use_flex = device_type == 'cuda' if flex_attention == 'auto' else bool(flex_attention)
+if use_flex and device_type != 'cuda':
+    raise SystemExit('--flex_attention=True: PyTorch has no FlexAttention backward on CPU, so it trains on CUDA only; '
+                     'use --flex_attention=False here (SDPA, the same numbers)')
 model.use_flex_attention(use_flex)
 n_params = sum(p.numel() for p in model.parameters())
 if master:
@@ -318,14 +321,13 @@ class NELBO(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x0):  # training uses the clipped interval (Sec. 5.2); evaluation the full one
-        return self.model.nelbo(x0, interval=self.model.clipped_interval(), schedule=noise_schedule,
-                                resample=resample, generator=noise_gen)
+    def forward(self, x0, t, xt):  # t, xt: drawn eagerly (model.forward_process), so a compiled step is one graph
+        return self.model.nelbo(x0, t=t, xt=xt, schedule=noise_schedule)
 
 
 loss_module = NELBO(model)
-if compile:
-    loss_module = torch.compile(loss_module)
+if compile:  # fullgraph: a graph break is an error, not a silent slowdown
+    loss_module = torch.compile(loss_module, fullgraph=True)
 if ddp:
     loss_module = DDP(loss_module, device_ids=[local_rank] if device_type == 'cuda' else None)
 
@@ -412,6 +414,7 @@ if master:
 start_time = time.time()
 bar = tqdm(total=max_iters, initial=iter_num, desc='training', unit='it', disable=not master, mininterval=5)
 t_last, tokens_since, bad_steps = time.time(), 0, 0
+start_iter = iter_num
 x0 = get_batch('train') if checkpoint is None else checkpoint['next_batch'].to(device)
 checkpoint = None
 while iter_num < max_iters:
@@ -430,9 +433,11 @@ while iter_num < max_iters:
         best_val_loss = min(best_val_loss, stats['val_nelbo'])
         if iter_num > 0 and always_save_checkpoint:
             save_checkpoint()
-    if ddp:  # every rank trains on the interval rank 0 chose
+    if ddp and iter_num % eval_interval == 0:  # every rank trains on the interval rank 0 chose
         dist.broadcast(model.sampling_eps_min, 0)
         dist.broadcast(model.sampling_eps_max, 0)
+    if iter_num % eval_interval == 0 or iter_num == start_iter:
+        train_interval = model.clipped_interval()   # read once per evaluation, not every step (a host sync)
 
     lr = lr_at(iter_num)
     for group in optimizer.param_groups:
@@ -440,8 +445,10 @@ while iter_num < max_iters:
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # sync gradients on the last micro-step only
             loss_module.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        # Training draws t on the clipped interval (Sec. 5.2); evaluation scores the full one.
+        t, xt = model.forward_process(x0, train_interval, noise_schedule, resample=resample, generator=noise_gen)
         with autocast:
-            loss = loss_module(x0) / gradient_accumulation_steps
+            loss = loss_module(x0, t, xt) / gradient_accumulation_steps
         x0 = get_batch('train')  # fetch the next batch while the GPU works
         loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float('inf'))

@@ -2,8 +2,9 @@
 
     python benchmarks/train_speed.py                       # 4 layers x 256 wide, L=256, batch 8, GPT-2 vocab
     python benchmarks/train_speed.py --official=PATH        # also time the official bd3lms backbone
-    python benchmarks/train_speed.py --device=cuda --n_blocks=12 --hidden_dim=768 --model_length=1024 \
-        --batch_size=16 --dtype=bfloat16 --compile=1        # GPU: FlexAttention vs SDPA
+    python benchmarks/train_speed.py --compile=1            # eager vs torch.compile, in one run
+    python benchmarks/train_speed.py --device=cuda --n_blocks=12 --hidden_dim=768 --n_heads=12 --model_length=1024 \
+        --batch_size=16 --dtype=bfloat16 --compile=1        # GPU: FlexAttention vs SDPA, eager vs compiled, MFU
 
 --official points at a folder holding bd3lms' models/hf/{modeling,configuration}_bd3lm.py (needs
 transformers and einops). Its objective is the official one: the backbone projects all 2L positions of
@@ -62,11 +63,27 @@ def time_steps(loss_fn, params):
     return B * L / times[len(times) // 2]   # median step
 
 
-def ours(backend):
+def ours(backend, compiled):
+    # As train.py: t and xt drawn eagerly, the loss compiled as one graph (fullgraph: a break is an error).
     torch.manual_seed(0)
     model = bd3lm.BD3LM(config).to(args.device).use_flex_attention(backend == 'flex').train()
-    step = torch.compile(model.nelbo) if args.compile else model.nelbo
-    return time_steps(lambda: step(x0), model.parameters())
+    model.nelbo(x0[:1])                                  # builds the cached mask outside the compiled graph
+    step = lambda x0, t, xt: model.nelbo(x0, t=t, xt=xt)
+    step = torch.compile(step, fullgraph=True) if compiled else step
+
+    def loss():
+        t, xt = model.forward_process(x0)
+        return step(x0, t, xt)
+    return time_steps(loss, model.parameters())
+
+
+def mfu(tokens_per_second):
+    # The same count as train.py: 6 flops per layer parameter per token of the 2L pass, attention counted
+    # dense, half of the positions projected to the vocabulary; against an H100's dense bf16 peak.
+    n_layer_params = sum(p.numel() for p in bd3lm.BD3LM(config).blocks.parameters())
+    flops = 6 * n_layer_params * 2 + 12 * config.n_blocks * config.hidden_dim * 2 * L
+    flops += 6 * config.vocab_size * config.hidden_dim * 0.5
+    return tokens_per_second * flops / 989e12
 
 
 def official():
@@ -98,11 +115,16 @@ def official():
 
 print(f'{config.n_blocks} layers x {config.hidden_dim} wide, L={L}, batch {B}, vocab {config.vocab_size}, '
       f'{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads')
-results = {'bd3lm.py (SDPA)': ours('sdpa')}
-if args.device.startswith('cuda'):
-    results['bd3lm.py (FlexAttention)'] = ours('flex')
+results = {'bd3lm.py (SDPA)': ours('sdpa', False)}
+if args.compile:
+    results['bd3lm.py (SDPA, compiled)'] = ours('sdpa', True)
+if args.device.startswith('cuda'):  # FlexAttention has no backward on CPU
+    results['bd3lm.py (FlexAttention)'] = ours('flex', False)
+    if args.compile:
+        results['bd3lm.py (FlexAttention, compiled)'] = ours('flex', True)
 if args.official:
     results['official bd3lms backbone (SDPA)'] = official()
 base = results.get('official bd3lms backbone (SDPA)', results['bd3lm.py (SDPA)'])
 for name, tps in results.items():
-    print(f'{name:34s} {tps:10.0f} tokens/s   {tps / base:5.2f}x')
+    extra = f'   MFU {100 * mfu(tps):.1f}% (H100 bf16 peak)' if args.device.startswith('cuda') else ''
+    print(f'{name:36s} {tps:10.0f} tokens/s   {tps / base:5.2f}x{extra}')

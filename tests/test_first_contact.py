@@ -164,6 +164,7 @@ def test_broken_files_name_themselves(tmp_path):
     (['--flex_attention=maybe'], "--flex_attention='maybe': choose one of"),
     (['--out_dir=FILE/sub'], 'cannot write there'),
     (['--device=cuda'], 'no CUDA GPU'),
+    (['--flex_attention=True', '--device=cpu'], 'no FlexAttention backward on CPU'),
 ])
 def test_train_py_rejects_bad_settings_before_any_work(data_dir, tmp_path, args, message):
     if args == ['--device=cuda'] and torch.cuda.is_available():

@@ -1,0 +1,37 @@
+# Single-GPU quick start: a small BD3-LM (6 layers x 384, blocks of 16, L = 512) trained from scratch on
+# WikiText-103 (~117M GPT-2 tokens; `python prepare.py --dataset=wikitext103` downloads ~0.5 GB), bf16,
+# FlexAttention and torch.compile. 20K iterations x 64 x 512 tokens = 655M tokens (~5.6 epochs).
+#   python prepare.py --dataset=wikitext103 && python train.py config/quickstart_gpu.py
+# Not yet run on a GPU here (no GPU in the sessions so far): the expected wall time and perplexity
+# are left for the first run to measure and record in README.
+out_dir = 'out-quickstart'
+dataset = 'wikitext103'
+block_size = 16
+model_length = 512
+n_blocks = 6
+n_heads = 6
+hidden_dim = 384
+cond_dim = 128
+dropout = 0.1
+batch_size = 64
+gradient_accumulation_steps = 1
+learning_rate = 1e-3
+warmup_iters = 1000
+lr_decay = 'cosine'
+max_iters = 20000
+lr_decay_iters = 20000
+min_lr = 1e-4
+weight_decay = 0.0
+ema = 0.9999
+eval_interval = 1000
+eval_iters = 50
+clip_search = True
+clip_search_widths = '0.25,0.5,0.75'
+clip_search_delta = 0.05
+clip_search_iters = 10
+max_minutes = 55.0
+compile = True
+dtype = 'auto'
+flex_attention = 'auto'
+num_samples = 3
+sample_tokens = 256
