@@ -13,7 +13,8 @@ Read top to bottom:
   4. noise          schedules, clipped intervals, the forward (masking) process
   5. loss           the NELBO with the SUBS parameterization, and the clipped-schedule search
   6. sampler        block-by-block generation with an exact KV cache
-  7. loading        released Hugging Face weights, bd3lms Lightning checkpoints, GPT-2 tokenizer
+  7. loading        released Hugging Face weights, bd3lms Lightning checkpoints, saving together
+  8. tokenizers     each model's own: GPT-2 BPE or BERT WordPiece, with its special tokens
 """
 
 import json
@@ -1245,7 +1246,7 @@ def _lightning_tokenizer(tok, n_embeddings, path, name_hint=None):
                        'eos_id': n_embeddings - 2}, 'vocab': None}
 
 # -----------------------------------------------------------------------------
-# Tokenizers: each model carries its own (config.tokenizer, its special ids, and model.vocab)
+# 8. Tokenizers: each model carries its own (config.tokenizer, its special ids, and model.vocab)
 
 BOS_ID = EOS_ID = 50256  # the GPT-2 defaults (released models); a model's own are config.bos_id/eos_id
 MASK_ID = 50257

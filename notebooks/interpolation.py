@@ -31,12 +31,13 @@ p.add_argument('--block_sizes', default='1,4,8,16,64')
 p.add_argument('--seeds', type=int, default=3, help='training seeds per block size')
 p.add_argument('--eval_passes', type=int, default=3, help='passes over the validation split per model')
 p.add_argument('--eval_batches', type=int, default=20, help='batches for the variance measurements')
-p.add_argument('--sample_tokens', type=int, default=128)
+p.add_argument('--sample_tokens', type=int, default=None, help='default model_length - 1 (what MDLM can write)')
 p.add_argument('--out', default=os.path.join(ROOT, 'notebooks', 'interpolation_results.json'))
 p.add_argument('--work_dir', default=os.path.join(ROOT, 'out-interpolation'))
 args = p.parse_args()
 
 L = args.model_length
+args.sample_tokens = args.sample_tokens or L - 1
 model_args = ['--n_blocks=2', '--n_heads=4', '--hidden_dim=128', '--cond_dim=64', f'--model_length={L}',
               '--batch_size=16', f'--max_iters={args.iters}', f'--lr_decay_iters={args.iters}',
               f'--warmup_iters={max(1, args.iters // 10)}', f'--eval_interval={args.iters}', '--eval_iters=2',
@@ -63,11 +64,15 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
     for seed in range(args.seeds):
         out_dir = os.path.join(args.work_dir, f'block{bs}-seed{seed}')
         t0 = time.time()
-        run(os.path.join(ROOT, 'train.py'), *model_args, f'--block_size={bs}', f'--out_dir={out_dir}', f'--seed={1337 + seed}')
-        train_minutes = (time.time() - t0) / 60
-        # The whole validation split, the paper's protocol (block size 1: exact NLL at t = 1).
-        run(os.path.join(ROOT, 'train.py'), '--eval_only=True', f'--init_from={out_dir}', f'--out_dir={out_dir}',
-            f'--eval_passes={args.eval_passes}', '--eval_batch_size=32')
+        done = os.path.exists(os.path.join(out_dir, 'eval.json'))   # a rerun reuses finished models
+        if not done:
+            run(os.path.join(ROOT, 'train.py'), *model_args, f'--block_size={bs}', f'--out_dir={out_dir}',
+                f'--seed={1337 + seed}')
+        with open(os.path.join(out_dir, 'final.json')) as f:
+            train_minutes = json.load(f)['minutes']
+        if not done:  # the whole validation split, the paper's protocol (block size 1: exact NLL at t = 1)
+            run(os.path.join(ROOT, 'train.py'), '--eval_only=True', f'--init_from={out_dir}', f'--out_dir={out_dir}',
+                f'--eval_passes={args.eval_passes}', '--eval_batch_size=32')
         with open(os.path.join(out_dir, 'eval.json')) as f:
             ev = json.load(f)
         row = {'block_size': bs, 'label': label, 'seed': seed, 'val_nelbo': ev['nelbo'], 'val_ppl': ev['ppl'],
