@@ -424,7 +424,9 @@ class BD3LM(nn.Module):
         bs = self.config.block_size
         interval = FULL_INTERVAL if interval is None else interval
         if t is None:
-            t = sample_t(B, L // bs, *interval, antithetic=antithetic, device=x0.device, generator=generator)
+            if xt is not None:
+                raise ValueError('xt was given without its noise level t: pass both, or neither')
+            t, xt = self.forward_process(x0, interval, schedule, antithetic, resample, generator)
         t = self._expand_t(t, B, L, check=eager)
         move_chance, weight = noise_schedule(t, schedule)
         if xt is None:
@@ -788,6 +790,9 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
         raise ValueError(f'temperature must be >= 0 (0 = greedy), got {temperature.tolist()}')
     if isinstance(generator, (list, tuple)) and len(generator) != B:
         raise ValueError(f'a list of generators needs one per row: {len(generator)} for {B} rows')
+    # Decided once, not per model call: which of temperature, greedy rows and nucleus are in play.
+    greedy = temperature == 0
+    any_greedy, any_scaled, any_nucleus = bool(greedy.any()), bool((temperature != 1).any()), bool((top_p < 1).any())
     if steps is not None and (not isinstance(steps, int) or steps <= 0):
         raise ValueError(f'steps must be None (first-hitting) or a positive integer, got {steps!r}')
     if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size:
@@ -843,11 +848,13 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
             c = c[:, None]
         logits = model.output_layer(h, c).double()
         logits[..., mask_id] = -float('inf')
-        shape = (B,) + (1,) * (logits.dim() - 1)
-        temp, greedy = temperature.view(shape), temperature.view(shape) == 0
-        probs = (logits / torch.where(greedy, 1.0, temp)).softmax(-1)
-        probs = torch.where(greedy, F.one_hot(logits.argmax(-1), logits.shape[-1]).double(), probs)
-        return _nucleus(probs, top_p.view(shape))
+        shape = (B,) + (1,) * (logits.dim() - 1)                     # per-row settings broadcast
+        if any_scaled:
+            logits = logits / torch.where(greedy, 1.0, temperature).view(shape)
+        probs = logits.softmax(-1)
+        if any_greedy:  # temperature 0: all mass on the most likely token
+            probs = torch.where(greedy.view(shape), F.one_hot(logits.argmax(-1), logits.shape[-1]).double(), probs)
+        return _nucleus(probs, top_p.view(shape)) if any_nucleus else probs
 
     # Clean blocks enter the cache with one pass each. Only a time-conditioned model reads the noise
     # level there (adaLN modulates every position); it gets the clean end of the schedule. Without
