@@ -778,12 +778,19 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
                          f'BOS, config.bos_id = {cfg.bos_id})')
     B, P = idx.shape
     device = model.vocab_embed.embedding.device
-    per_row = lambda v, dtype: torch.as_tensor(v, dtype=dtype, device=device).expand(B).clone()
-    if isinstance(max_new_tokens, bool) or not all(isinstance(m, int) and m > 0 for m in
-                                                   (max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens])):
+
+    def per_row(name, value, dtype):  # one value for every row, or one per row -> (B,)
+        values = value.tolist() if isinstance(value, torch.Tensor) else value
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        kinds = int if dtype == torch.long else (int, float)
+        if len(values) not in (1, B) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
+            raise ValueError(f'{name} must be one value or one per row ({B} rows) of type {dtype}, got {value!r}')
+        return torch.tensor(values, dtype=dtype, device=device).expand(B).clone()
+
+    new_tokens = per_row('max_new_tokens', max_new_tokens, torch.long)
+    if not (new_tokens > 0).all():
         raise ValueError(f'max_new_tokens must be a positive integer (or one per row), got {max_new_tokens!r}')
-    new_tokens = per_row(max_new_tokens, torch.long)
-    top_p, temperature = per_row(top_p, torch.float64), per_row(temperature, torch.float64)
+    top_p, temperature = per_row('top_p', top_p, torch.float64), per_row('temperature', temperature, torch.float64)
     if not ((top_p > 0) & (top_p <= 1)).all():
         raise ValueError(f'top_p must be in (0, 1], got {top_p.tolist()}')
     if not (temperature >= 0).all():
@@ -955,8 +962,7 @@ def save_pretrained(model, out_dir):
     tensors = {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in _state_dict_to_released(model).items()}
     _atomic_write(os.path.join(out_dir, 'model.safetensors'), lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
     if model.vocab is not None:  # a WordPiece model's vocabulary travels with it: the folder is self-contained
-        text = ''.join(token + '\n' for token in model.vocab)
-        _atomic_write(os.path.join(out_dir, 'vocab.txt'), lambda p: open(p, 'w', encoding='utf-8').write(text))
+        write_vocab(os.path.join(out_dir, 'vocab.txt'), model.vocab)
     text = json.dumps(released_config(model), indent=2, sort_keys=True)
     _atomic_write(os.path.join(out_dir, 'config.json'), lambda p: open(p, 'w').write(text))
 
@@ -1056,8 +1062,7 @@ def _load_hf_folder(cls, folder, device):
         if not os.path.isfile(vocab_path):
             raise FileNotFoundError(f'{vocab_path} not found: this WordPiece model needs its vocabulary beside the '
                                     f'weights (save_pretrained writes it)')
-        with open(vocab_path, encoding='utf-8') as f:
-            vocab = f.read().split('\n')[:-1]
+        vocab = read_vocab(vocab_path)
     return _build(cls, config, tensors, device, weights_path, vocab)
 
 
@@ -1331,6 +1336,20 @@ class TextStream:
             return ''
         piece, self.sent = text[len(self.sent):], text
         return piece
+
+
+def read_vocab(path):
+    """A vocab.txt (BERT's format): one token per line, in id order."""
+    with open(path, encoding='utf-8') as f:
+        vocab = f.read().split('\n')
+    return vocab[:-1] if vocab and vocab[-1] == '' else vocab
+
+
+def write_vocab(path, vocab):
+    def write(p):
+        with open(p, 'w', encoding='utf-8') as f:
+            f.write(''.join(token + '\n' for token in vocab))
+    _atomic_write(path, write)
 
 
 def get_tokenizer(model=None):

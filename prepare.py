@@ -177,9 +177,7 @@ def load_tokenizer(name):
         path = hf_hub_download('bert-base-uncased', 'vocab.txt')
     if not os.path.isfile(path):
         raise SystemExit(f'--tokenizer={name!r}: expected gpt2, bert-base-uncased or a WordPiece vocab.txt file')
-    with open(path, encoding='utf-8') as f:
-        vocab = f.read().split('\n')
-    vocab = vocab[:-1] if vocab[-1] == '' else vocab
+    vocab = bd3lm.read_vocab(path)
     missing = [t for t in ('[MASK]', '[CLS]', '[SEP]', '[UNK]') if t not in vocab]
     if missing:
         raise SystemExit(f'{path}: a BERT WordPiece vocabulary needs {missing}')
@@ -235,8 +233,7 @@ def write(docs, out_dir, val_fraction, source, total=None, tokenizer='gpt2', fmt
             'vocab_size': 50257 if vocab is None else len(vocab), 'bos_id': enc.bos_id, 'eos_id': enc.eos_id,
             'mask_id': enc.mask_id, 'format': fmt, 'eos_per_doc': eos_per_doc, 'documents': n_docs}
     if vocab is not None:
-        with open(os.path.join(out_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
-            f.write(''.join(t + '\n' for t in vocab))
+        bd3lm.write_vocab(os.path.join(out_dir, 'vocab.txt'), vocab)
     for split, arrays in splits.items():
         tokens = np.concatenate(arrays)
         tmp = os.path.join(out_dir, f'{split}.bin.tmp')
@@ -257,8 +254,7 @@ def read_meta(data_dir):
     if meta.get('format') not in FORMATS:
         raise SystemExit(f'{path} records no sequence format (made by an older prepare.py); run prepare.py again')
     if meta['tokenizer'] == 'wordpiece':
-        with open(os.path.join(data_dir, 'vocab.txt'), encoding='utf-8') as f:
-            meta['vocab'] = f.read().split('\n')[:-1]
+        meta['vocab'] = bd3lm.read_vocab(os.path.join(data_dir, 'vocab.txt'))
     return meta
 
 

@@ -181,6 +181,13 @@ for split, tokens in data.items():
         raise SystemExit(f'{data_dir}/{split}.bin holds {len(tokens)} tokens, fewer than model_length={model_length}')
 
 
+def load_model(source, device='cpu'):
+    try:  # the loader's messages name the problem and the fix: one line, no traceback
+        return bd3lm.BD3LM.from_pretrained(source, device=device)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f'--init_from={source}: {e}') from None
+
+
 def check_tokens(model, what):
     # The model and the data must speak the same tokens (vocabulary, special ids).
     theirs = {k: getattr(model.config, k) for k in ('tokenizer', 'vocab_size', 'mask_id', 'bos_id', 'eos_id')}
@@ -221,10 +228,7 @@ if eval_only:
     source = out_dir if init_from == 'resume' else init_from
     if source == 'scratch':
         raise SystemExit('--eval_only=True needs a model: --init_from=<hub id, folder, .ckpt> or resume (out_dir)')
-    try:
-        model = bd3lm.BD3LM.from_pretrained(source, device=device)
-    except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f'--init_from={source}: {e}') from None
+    model = load_model(source, device)
     check_tokens(model, source)
     t0 = time.time()
     nelbo, tokens = evaluate_likelihood(model)
@@ -277,10 +281,7 @@ elif init_from == 'scratch':
             if 'adaLN_modulation' in name or name.startswith('output_layer.linear'):
                 p.zero_()
 else:  # fine-tune: the pretrained weights, loaded strictly into this run's config (e.g. a new block_size)
-    try:
-        pretrained = bd3lm.BD3LM.from_pretrained(init_from)
-    except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f'--init_from={init_from}: {e}') from None
+    pretrained = load_model(init_from)
     check_tokens(pretrained, f'init_from={init_from}')
     try:
         model = bd3lm._build(bd3lm.BD3LM, config, pretrained.state_dict(), 'cpu', f'init_from={init_from}')

@@ -169,6 +169,8 @@ def test_generate_rejects_bad_arguments():
         model.generate(torch.zeros(1, 0, dtype=torch.long), 4)
     with pytest.raises(ValueError, match='steps'):
         model.generate(good, 4, steps=0)
+    with pytest.raises(ValueError, match='one per row'):
+        model.generate(good, [3, 4])                           # two lengths for one row
 
 
 def test_mdlm_past_its_context_is_refused_not_generated_blind():
