@@ -50,15 +50,18 @@ class Rotary(nn.Module):
         self.register_buffer('inv_freq', inv_freq)  # kept: the released checkpoints store it
 
     def forward(self, positions):
-        # positions: (T,) absolute integer positions. Angles in float64 so that positions far beyond
-        # the training context (long generation) keep their precision.
-        angles = positions.double()[:, None] * self.inv_freq.double()[None, :]  # (T, head_dim/2)
-        angles = torch.cat([angles, angles], dim=-1)                             # (T, head_dim)
+        # positions: (T,) absolute integer positions, or (B, T): each row its own (a server's rows sit at
+        # different places in their texts). Angles in float64 so that positions far beyond the training
+        # context (long generation) keep their precision.
+        angles = positions.double()[..., None] * self.inv_freq.double()   # (..., T, head_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)                        # (..., T, head_dim)
         return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, H, T, D); cos/sin: (T, D)
+    # x: (B, H, T, D); cos/sin: (T, D), or (B, T, D) for per-row positions
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -99,11 +102,13 @@ def modulate(x, shift, scale):
 class KVCache:
     """Keys and values of finished clean blocks, one buffer per layer, preallocated once.
 
-    The buffer holds `window` = model_length positions as a ring of window // block_size slots. The
-    block being denoised writes its keys into the slot the next finished block will occupy; once
-    the ring is full that slot is the oldest block, which is exactly the block that leaves the
-    sliding window. So attention is always over the whole valid buffer, without a mask, and nothing
-    is ever copied. Keys are stored with rotary already applied at absolute positions.
+    Each row's buffer holds `window` = model_length positions as a ring of window // block_size slots.
+    The block being denoised writes its keys into the slot the row's next finished block will occupy;
+    once the ring is full that slot is the oldest block, which is exactly the block that leaves the
+    sliding window. So attention is over the row's valid slots, and nothing is ever copied. Keys are
+    stored with rotary already applied at absolute positions. Rows keep their own count of finished
+    blocks, so rows at different places in their text (a server's requests) share one cache; when the
+    counts differ, the rows' unfilled slots are masked out.
     """
 
     def __init__(self, n_layers, batch_size, n_heads, window, head_dim, block_size, device, dtype):
@@ -112,13 +117,34 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.n_slots = window // block_size
-        self.n_committed = 0  # finished blocks written so far
+        self.n_committed = [0] * batch_size  # finished blocks written so far, per row (host-side ints)
 
-    def slot(self):
-        """(start, end) of the slot the current block writes to, and how many positions are valid."""
-        start = (self.n_committed % self.n_slots) * self.block_size
-        n_valid = min(self.n_committed + 1, self.n_slots) * self.block_size
-        return start, start + self.block_size, n_valid
+    def commit(self, rows=None):
+        """The block just passed through the model (clean) is now part of the prefix of `rows` (default all)."""
+        for r in range(len(self.n_committed)) if rows is None else rows:
+            self.n_committed[r] += 1
+
+    def update(self, layer, k, v):
+        """Write this block's keys and values (B, H, bs, head_dim) into each row's slot; return the keys and
+        values to attend to and a (B, 1, 1, n) mask, or None when every row has the same valid slots."""
+        if layer == 0:  # where each row writes, computed once per pass
+            bs, counts = self.block_size, self.n_committed
+            starts = [(n % self.n_slots) * bs for n in counts]
+            valid = [min(n + 1, self.n_slots) * bs for n in counts]
+            index = None if len(set(starts)) == 1 else (
+                torch.tensor(starts, device=k.device)[:, None] + torch.arange(bs, device=k.device))   # (B, bs)
+            mask = None if len(set(valid)) == 1 else (
+                torch.arange(max(valid), device=k.device) < torch.tensor(valid, device=k.device)[:, None])
+            self._plan = starts[0], max(valid), index, None if mask is None else mask[:, None, None, :]
+        start, n_valid, index, mask = self._plan
+        if index is None:
+            self.k[layer, :, :, start:start + self.block_size] = k
+            self.v[layer, :, :, start:start + self.block_size] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, index] = k.transpose(1, 2)     # (B, bs, H, head_dim) at each row's slot
+            self.v[layer][rows, :, index] = v.transpose(1, 2)
+        return self.k[layer, :, :, :n_valid], self.v[layer, :, :, :n_valid], mask
 
 
 class DDiTBlock(nn.Module):
@@ -151,13 +177,12 @@ class DDiTBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, head_dim)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            # Write this block's keys into its ring slot, attend to every valid slot (no mask needed:
-            # all cached blocks are clean, earlier and within the window).
-            start, end, n_valid = cache.slot()
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :n_valid], cache.v[layer, :, :, :n_valid]
-        y = attn(q, k, v)                                   # (B, H, T, head_dim)
+            # Write this block's keys into its ring slot and attend to every valid slot: all cached blocks
+            # are clean, earlier and within the window, so no block mask is needed.
+            k, v, valid = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid)
+        else:
+            y = attn(q, k, v)                               # (B, H, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, D)
         x = x + gate1 * self.dropout(self.attn_out(y))
         h = self.norm2(x)
@@ -490,14 +515,9 @@ class BD3LM(nn.Module):
 
     # --- sampling --------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
-                 stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False,
-                 temperature=1.0):
-        """Generate block by block (Alg. 2). See the sampler section below for the details."""
-        return generate(self, idx, max_new_tokens, steps=steps, top_p=top_p, kv_cache=kv_cache,
-                        generator=generator, stop_at_eos=stop_at_eos, stop_entropy=stop_entropy,
-                        eos_id=eos_id, on_block=on_block, return_stats=return_stats, temperature=temperature)
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """Generate block by block (Alg. 2); see generate() in the sampler section for the arguments."""
+        return generate(self, idx, max_new_tokens, **kwargs)
 
     # --- loading and saving -------------------------------------------------------
 
@@ -692,29 +712,77 @@ def clip_intervals(widths, delta=0.05, eps=EPS):
 def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, schedule='loglinear',
                          resample=False, generator=None):
     """The data-driven clipped schedule: among candidate intervals, pick the [beta, omega] that
-    minimises the variance of the NELBO estimate on `batches`. Returns (best, {interval: variance})."""
+    minimises the variance of the NELBO estimate on `batches`. Returns (best, {interval: variance}).
+    Block size 1 has two candidates, as in bd3lms: the full interval and t = 1, where every token is
+    masked with weight 1, i.e. the exact autoregressive loss (zero noise variance), so AR-like models
+    train as AR models once the search has run."""
     if not batches:
         raise ValueError('the clipped-schedule search needs at least one batch of validation data')
-    variances = {iv: nelbo_variance(model, batches, iv, schedule, resample, generator)
-                 for iv in clip_intervals(widths, delta)}
+    candidates = [FULL_INTERVAL, (1.0, 1.0)] if model.config.block_size == 1 else clip_intervals(widths, delta)
+    variances = {iv: nelbo_variance(model, batches, iv, schedule, resample, generator) for iv in candidates}
     return min(variances, key=variances.get), variances
 
 # -----------------------------------------------------------------------------
 # 6. Sampler
 #
-# Blocks are generated left to right (Alg. 2). Blocks are aligned at position 0: a prompt whose length
-# is not a multiple of block_size fills the start of its last block with clean tokens, and the rest of
-# that block is generated. Inside a block:
-#   steps=None  the first-hitting sampler (Zheng et al. 2024): each model call reveals exactly one
-#               masked token, chosen uniformly, drawn from p_theta(x0 | xt). Each row keeps its own
-#               clock t <- t * u^(1/n_masked) (it only matters for time-conditioned models).
-#   steps=K     K ancestral steps on the loglinear grid t = 1, 1 - 1/K, ..., 1/K (never t = 0): a masked
-#               token is revealed with probability 1 - s/t. If a step reveals nothing, the next step
-#               reuses the previous model output (exact without time conditioning).
-# With the KV cache, a finished block is written to the cache with one extra forward pass (not counted
-# as a denoising call, NFE). Past model_length tokens, every block attends to a sliding window of the
-# last model_length tokens (whole blocks); the uncached path runs the same banded mask, so cached and
-# uncached generation agree token for token.
+# Alg. 2, block by block: a block starts fully masked (after any prompt tokens it holds) and is denoised
+# by repeated model calls; after each call an unmasking rule says which masked positions to reveal, and
+# they take the token proposed for them, never to change again. The finished block is then written to
+# the KV cache with one more pass (not a denoising call, NFE), and the next block starts. Blocks are
+# aligned at position 0: a prompt whose length is not a multiple of block_size fills the start of its
+# last block. Past model_length tokens every block attends to a sliding window of the last model_length
+# tokens (whole blocks); the uncached path runs the same banded mask, so cached and uncached generation
+# agree token for token (in float64; see README for float32).
+#
+# The unmasking rules (one per generate call; their knobs may differ per row):
+#   first-hitting   (default) one masked position per call, chosen uniformly (Zheng et al. 2024): the
+#                   exact sampler of the model's law; each row's clock t <- t u^(1/n_masked) only matters
+#                   for time-conditioned models. Only that position is projected to the vocabulary.
+#   steps=K         K ancestral steps on the loglinear grid t = 1, 1 - 1/K, ..., 1/K (never t = 0): each
+#                   masked token is revealed with probability 1 - s/t. A step that reveals nothing costs
+#                   no call: the previous output is reused (exact without time conditioning).
+#   threshold=tau   every masked position whose confidence exceeds tau, and at least one (Fast-dLLM).
+#   entropy_bound=gamma  positions in order while their summed entropy stays <= gamma, at least one
+#                   (the EB-sampler, Ben-Hamu et al. 2025).
+#   tokens_per_call=k    the k most confident positions (LLaDA's low-confidence remasking).
+# Confidence is the model's own probability p_theta(proposed token | xt) at that position (temperature 1,
+# before nucleus), entropy that of p_theta there; the proposed token itself is drawn with the row's
+# temperature and top_p. `order` says which position comes first: 'uniform' (a random one: with it,
+# threshold=1 and entropy_bound=0 are first-hitting's law), 'confidence' (the most confident) or
+# 'entropy' (the lowest entropy). A time-conditioned model is called with t = the block's masked
+# fraction under the adaptive rules.
+
+ORDERS = ('uniform', 'confidence', 'entropy')
+
+
+def _top(priority, masked, n):
+    """The n (B,) highest-priority masked positions of each row, as a (B, bs) bool."""
+    rank = priority.masked_fill(~masked, -math.inf).argsort(-1, descending=True).argsort(-1)
+    return masked & (rank < n[:, None])
+
+
+# Each rule: (confidence, entropy, masked, priority, knob) -> which positions to reveal, (B, bs) bool.
+# confidence, entropy: (B, bs) at every position; masked: (B, bs) still masked; priority: (B, bs) the
+# order's ranking (higher first); knob: (B,) the row's tau / gamma / k. Rows with nothing masked reveal
+# nothing; the others reveal at least one position.
+
+def reveal_threshold(confidence, entropy, masked, priority, tau):
+    return (masked & (confidence > tau[:, None])) | _top(priority, masked, torch.ones_like(tau, dtype=torch.long))
+
+
+def reveal_entropy_bound(confidence, entropy, masked, priority, gamma):
+    ranked = priority.masked_fill(~masked, -math.inf).argsort(-1, descending=True)
+    spent = entropy.gather(-1, ranked).masked_fill(~masked.gather(-1, ranked), math.inf).cumsum(-1)
+    return _top(priority, masked, (spent <= gamma[:, None]).sum(-1).clamp(min=1))
+
+
+def reveal_most_confident(confidence, entropy, masked, priority, k):
+    return _top(confidence, masked, k.long())
+
+
+ADAPTIVE_RULES = {'threshold': reveal_threshold, 'entropy_bound': reveal_entropy_bound,
+                  'tokens_per_call': reveal_most_confident}
+
 
 def _nucleus(probs, top_p):
     # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one token).
@@ -742,10 +810,10 @@ def _uniform(shape, generator, device, dtype=torch.float32, rows=None):
     return out
 
 
-def _sample_categorical(probs, generator, rows=None):
-    # Inverse-CDF sampling in float64: one uniform per distribution, device-agnostic and reproducible.
+def _sample_categorical(probs, u):
+    # Inverse-CDF sampling in float64 with given uniforms u (probs.shape[:-1] + (1,)): device-agnostic,
+    # reproducible, and the caller decides whose generator draws them.
     cdf = probs.cumsum(-1)
-    u = _uniform(probs.shape[:-1] + (1,), generator, probs.device, probs.dtype, rows)
     return torch.searchsorted(cdf, u * cdf[..., -1:]).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
@@ -755,21 +823,171 @@ def _unigram_entropy(tokens):
     return float(-(p * p.log()).sum())
 
 
+def _per_row(name, value, B, dtype, device, check, what):
+    """One value for every row, or one per row (a list or (B,) tensor) -> a (B,) tensor; one-line errors."""
+    values = value.tolist() if isinstance(value, torch.Tensor) else value
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    kinds = int if dtype == torch.long else (int, float)
+    if len(values) not in (1, B) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
+        raise ValueError(f'{name} must be one value or one per row ({B} rows) of type {dtype}, got {value!r}')
+    if not all(check(v) for v in values):
+        raise ValueError(f'{name} must be {what}, got {value!r}')
+    return torch.tensor(values, dtype=dtype, device=device).expand(B).clone()
+
+
+class Sampling:
+    """How one generate call samples, checked once: the unmasking rule with its per-row knob and order,
+    and each row's temperature and top_p (what a row draws never depends on its batch mates)."""
+
+    def __init__(self, B, device, steps=None, threshold=None, entropy_bound=None, tokens_per_call=None, order=None,
+                 temperature=1.0, top_p=1.0):
+        chosen = [name for name, v in (('steps', steps), ('threshold', threshold), ('entropy_bound', entropy_bound),
+                                       ('tokens_per_call', tokens_per_call)) if v is not None]
+        if len(chosen) > 1:
+            raise ValueError(f'choose one unmasking rule, got {" and ".join(chosen)}')
+        self.rule = chosen[0] if chosen else 'first_hitting'
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
+            raise ValueError(f'steps must be None (first-hitting) or a positive integer, got {steps!r}')
+        self.steps = steps
+        knob = {'threshold': (threshold, torch.float64, lambda v: 0 <= v <= 1, 'in [0, 1] (a probability)'),
+                'entropy_bound': (entropy_bound, torch.float64, lambda v: 0 <= v < math.inf, 'a number >= 0 (nats)'),
+                'tokens_per_call': (tokens_per_call, torch.long, lambda v: v >= 1, 'an integer >= 1')}.get(self.rule)
+        self.knob = None if knob is None else _per_row(self.rule, knob[0], B, knob[1], device, *knob[2:])
+        if order is not None and self.rule not in ('threshold', 'entropy_bound'):
+            raise ValueError(f'order applies to threshold and entropy_bound, not to {self.rule}')
+        self.order = order or {'entropy_bound': 'entropy', 'tokens_per_call': 'confidence'}.get(self.rule, 'uniform')
+        if self.order not in ORDERS:
+            raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
+        self.temperature = _per_row('temperature', temperature, B, torch.float64, device, lambda v: v >= 0, '>= 0 (0 = greedy)')
+        self.top_p = _per_row('top_p', top_p, B, torch.float64, device, lambda v: 0 < v <= 1, 'in (0, 1]')
+        # Decided once, not per model call: which of temperature, greedy rows and nucleus are in play.
+        self.greedy = self.temperature == 0
+        self.any_greedy, self.any_scaled = bool(self.greedy.any()), bool((self.temperature != 1).any())
+        self.any_nucleus = bool((self.top_p < 1).any())
+
+    def probs(self, logits, rows):
+        """The distribution a token is drawn from at each position, float64 (..., V): the row's temperature
+        (0 = greedy) and nucleus. logits: (N, ..., V) with the mask already at -inf; rows: (N,) their rows."""
+        shape = (-1,) + (1,) * (logits.dim() - 1)
+        if self.any_scaled:
+            temperature = self.temperature[rows]
+            logits = logits / torch.where(temperature == 0, 1.0, temperature).view(shape)
+        probs = logits.softmax(-1)
+        if self.any_greedy:  # temperature 0: all mass on the most likely token
+            one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+            probs = torch.where(self.greedy[rows].view(shape), one_hot, probs)
+        return _nucleus(probs, self.top_p[rows].view(shape)) if self.any_nucleus else probs
+
+
+class BlockState:
+    """Where each row stands in its current block: masked positions still to generate, the clock t,
+    and, for steps=K, the step reached and the last model output (reused while nothing changes)."""
+
+    def __init__(self, active):
+        B = active.shape[0]
+        self.active = active                                              # (B, bs) bool
+        self.t = torch.ones(B, dtype=torch.float64, device=active.device)
+        self.step = torch.zeros(B, dtype=torch.long, device=active.device)
+        self.stale = torch.ones(B, dtype=torch.bool, device=active.device)  # steps=K: needs a fresh output
+        self.probs = None
+
+
+def denoise_step(model, xb, state, sampling, hidden, generator, row_nfe):
+    """One denoising call for a batch of blocks: hidden(t) runs the model on the blocks at noise level t (B,)
+    and returns their hidden states (B, bs, D); the rule's call proposes tokens and says which to reveal.
+    xb: (B, bs) tokens of the blocks, updated in place, as is state. Returns whether the model was called
+    (one NFE); row_nfe (B,) counts each row's own calls, what the row would pay alone."""
+    call = {'first_hitting': _first_hitting_call, 'steps': _ancestral_call}.get(sampling.rule, _adaptive_call)
+    reveal, proposal, paid = call(model, xb, state, sampling, hidden, generator, state.active.any(-1))
+    row_nfe += paid
+    xb.copy_(torch.where(reveal, proposal, xb))
+    state.active &= ~reveal
+    return bool(paid.any())
+
+
+def _logits(model, xb, h, t, rows):
+    # p_theta's logits (N, ..., V) in float64 at hidden states h (N, ..., D) that belong to `rows` (N,),
+    # the mask token excluded (SUBS).
+    c = model._cond(xb, sigma_from_move_chance(t.float()) if model.config.time_conditioning else None)
+    if c is not None:
+        c = c[rows][:, None] if h.dim() == 3 else c[rows]
+    logits = model.output_layer(h, c).double()
+    logits[..., model.config.mask_id] = -math.inf
+    return logits
+
+
+def _first_hitting_call(model, xb, state, sampling, hidden, generator, drawing):
+    # The position is chosen before the call (uniformly), so only it is projected to the vocabulary.
+    B, bs = xb.shape
+    rows = torch.arange(B, device=xb.device)
+    n = state.active.sum(-1)
+    u = _uniform((B,), generator, xb.device, torch.float64, drawing)
+    state.t = torch.where(drawing, state.t * u ** (1 / n.clamp(min=1)), state.t)
+    j = _uniform((B, bs), generator, xb.device, rows=drawing).masked_fill(~state.active, -1).argmax(-1)
+    probs = sampling.probs(_logits(model, xb, hidden(state.t)[rows, j], state.t, rows), rows)   # (B, V)
+    token = _sample_categorical(probs, _uniform((B, 1), generator, xb.device, torch.float64, drawing))
+    reveal = torch.zeros_like(state.active)
+    reveal[rows, j] = state.active[rows, j]
+    return reveal, token[:, None].expand(B, bs), drawing
+
+
+def _ancestral_call(model, xb, state, sampling, hidden, generator, drawing):
+    # Step i of K: from t = 1 - i/K to s = 1 - (i+1)/K, each masked token revealed with probability 1 - s/t.
+    # A row whose block did not change since its last call reuses that output (no call for it).
+    B, bs = xb.shape
+    rows = torch.arange(B, device=xb.device)
+    t, s = 1 - state.step.double() / sampling.steps, 1 - (state.step + 1).double() / sampling.steps
+    need = drawing & (state.stale | model.config.time_conditioning)
+    if need.any():
+        fresh = sampling.probs(_logits(model, xb, hidden(t), t, rows), rows)                     # (B, bs, V)
+        state.probs = fresh if state.probs is None else torch.where(need[:, None, None], fresh, state.probs)
+    reveal = state.active & (_uniform((B, bs), generator, xb.device, torch.float64, drawing) < (1 - s / t)[:, None])
+    proposal = _sample_categorical(state.probs, _uniform((B, bs, 1), generator, xb.device, torch.float64, drawing))
+    state.step += drawing
+    state.stale = torch.where(drawing, reveal.any(-1), state.stale)
+    return reveal, proposal, need
+
+
+def _adaptive_call(model, xb, state, sampling, hidden, generator, drawing):
+    # Propose a token at every masked position with the row's law, score the model's confidence in it and
+    # its entropy there, and let the rule (ADAPTIVE_RULES) choose. Only masked positions are projected.
+    B, bs = xb.shape
+    state.t = state.active.sum(-1).double() / bs                          # the masked fraction
+    where = state.active.nonzero(as_tuple=True)
+    logits = _logits(model, xb, hidden(state.t)[where], state.t, where[0])                        # (N, V)
+    u = _uniform((B, bs, 1), generator, xb.device, torch.float64, drawing)[where]
+    token = _sample_categorical(sampling.probs(logits, where[0]), u)                              # (N,)
+    log_p = logits.log_softmax(-1)
+    confidence = torch.zeros(B, bs, dtype=torch.float64, device=xb.device)
+    entropy = torch.zeros_like(confidence)
+    confidence[where] = log_p.gather(-1, token[:, None]).squeeze(-1).exp()
+    entropy[where] = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+    priority = {'uniform': lambda: _uniform((B, bs), generator, xb.device, torch.float64, drawing),
+                'confidence': lambda: confidence, 'entropy': lambda: -entropy}[sampling.order]()
+    reveal = ADAPTIVE_RULES[sampling.rule](confidence, entropy, state.active, priority, sampling.knob)
+    proposal = torch.zeros_like(xb)
+    proposal[where] = token
+    return reveal, proposal, drawing
+
+
+@torch.no_grad()
 def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
              stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False,
-             temperature=1.0):
+             temperature=1.0, threshold=None, entropy_bound=None, tokens_per_call=None, order=None):
     """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max(max_new_tokens)).
 
-    max_new_tokens, top_p, temperature: one value, or one per row (a list or (B,) tensor), so that
-    requests with different settings can share a batch. temperature divides the logits (0 = greedy);
-    top_p: nucleus sampling. generator: a torch.Generator, or a list of B (one per row; see _uniform).
-    stop_at_eos: a row stops after the first EOS it generates.
-    stop_entropy: bd3lms' variable-length rule (the paper uses 4): once the unigram entropy of a row's
-    last 256 tokens falls below this, the row stops and those 256 degenerate tokens are dropped (never the
-    prompt). Rows stop independently; positions after a row's end are filled with eos_id (default: the
-    model's config.eos_id).
+    The unmasking rule: first-hitting (default), steps=K, threshold=tau, entropy_bound=gamma or
+    tokens_per_call=k (at most one), with `order` for the adaptive ones; see the sampler section above.
+    max_new_tokens, top_p, temperature, and the knob tau / gamma / k: one value, or one per row (a list
+    or (B,) tensor), so that requests with different settings can share a batch. temperature divides
+    the logits (0 = greedy); top_p: nucleus sampling. generator: a torch.Generator, or a list of B (one
+    per row; see _uniform). stop_at_eos: a row stops after the first EOS it generates. stop_entropy:
+    bd3lms' variable-length rule (the paper uses 4): once the unigram entropy of a row's last 256 tokens
+    falls below this, the row stops and those 256 degenerate tokens are dropped (never the prompt). Rows
+    stop independently; positions after a row's end are filled with eos_id (default: config.eos_id).
     on_block(x, end): called after each finished block with the tokens so far (streaming).
-    return_stats: also return {'nfe': denoising calls, 'forward_passes': all calls, 'lengths': (B,)}."""
+    return_stats: also return {'nfe': model calls for the batch, 'row_nfe': (B,) each row's own calls
+    (what it would pay alone), 'forward_passes': all passes (cache writes too), 'lengths': (B,)}."""
     cfg = model.config
     bs, window, mask_id = cfg.block_size, cfg.model_length, cfg.mask_id
     eos_id = cfg.eos_id if eos_id is None else eos_id
@@ -778,137 +996,67 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
                          f'BOS, config.bos_id = {cfg.bos_id})')
     B, P = idx.shape
     device = model.vocab_embed.embedding.device
-
-    def per_row(name, value, dtype):  # one value for every row, or one per row -> (B,)
-        values = value.tolist() if isinstance(value, torch.Tensor) else value
-        values = list(values) if isinstance(values, (list, tuple)) else [values]
-        kinds = int if dtype == torch.long else (int, float)
-        if len(values) not in (1, B) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
-            raise ValueError(f'{name} must be one value or one per row ({B} rows) of type {dtype}, got {value!r}')
-        return torch.tensor(values, dtype=dtype, device=device).expand(B).clone()
-
-    new_tokens = per_row('max_new_tokens', max_new_tokens, torch.long)
-    if not (new_tokens > 0).all():
-        raise ValueError(f'max_new_tokens must be a positive integer (or one per row), got {max_new_tokens!r}')
-    top_p, temperature = per_row('top_p', top_p, torch.float64), per_row('temperature', temperature, torch.float64)
-    if not ((top_p > 0) & (top_p <= 1)).all():
-        raise ValueError(f'top_p must be in (0, 1], got {top_p.tolist()}')
-    if not (temperature >= 0).all():
-        raise ValueError(f'temperature must be >= 0 (0 = greedy), got {temperature.tolist()}')
+    sampling = Sampling(B, device, steps, threshold, entropy_bound, tokens_per_call, order, temperature, top_p)
+    new_tokens = _per_row('max_new_tokens', max_new_tokens, B, torch.long, device, lambda v: v > 0,
+                          'a positive integer (or one per row)')
     if isinstance(generator, (list, tuple)) and len(generator) != B:
         raise ValueError(f'a list of generators needs one per row: {len(generator)} for {B} rows')
-    # Decided once, not per model call: which of temperature, greedy rows and nucleus are in play.
-    greedy = temperature == 0
-    any_greedy, any_scaled, any_nucleus = bool(greedy.any()), bool((temperature != 1).any()), bool((top_p < 1).any())
-    if steps is not None and (not isinstance(steps, int) or steps <= 0):
-        raise ValueError(f'steps must be None (first-hitting) or a positive integer, got {steps!r}')
     if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size:
         raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}]')
     if (idx == mask_id).any():
         raise ValueError(f'the prompt contains the mask id {mask_id}; prompts must be clean tokens')
-    max_new = int(new_tokens.max())
-    if bs == window and P + max_new > window:
+    total = P + int(new_tokens.max())
+    if bs == window and total > window:
         # With one block per context, a block past the context would see no earlier block at all. bd3lms
         # continues MDLM with an overlapping stride instead; that is a different sampler, not offered here.
         raise ValueError(f'this model is MDLM-like (block_size = model_length = {window}), so it generates at '
-                         f'most {window} tokens including the prompt ({P} + {max_new} asked); '
+                         f'most {window} tokens including the prompt ({P} + {total - P} asked); '
                          f'lower max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
 
-    totals = P + new_tokens                                                  # (B,) each row's end
-    total = P + max_new
     n_blocks = -(-total // bs)
     x = torch.full((B, n_blocks * bs), mask_id, dtype=torch.long, device=device)
     x[:, :P] = idx.to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = totals.clone()
-    stats = {'nfe': 0, 'forward_passes': 0}
+    lengths = P + new_tokens                                                  # (B,) each row's end
+    stats = {'nfe': 0, 'forward_passes': 0, 'row_nfe': torch.zeros(B, dtype=torch.long, device=device)}
     cache = None
     if kv_cache:
-        head_dim = cfg.hidden_dim // cfg.n_heads
-        cache = KVCache(cfg.n_blocks, B, cfg.n_heads, window, head_dim, bs, device,
+        cache = KVCache(cfg.n_blocks, B, cfg.n_heads, window, cfg.hidden_dim // cfg.n_heads, bs, device,
                         model.vocab_embed.embedding.dtype)
     # Receptive field of a block under the banded mask: n_layers windows back. The uncached path runs
     # only that suffix, which is exact and keeps long uncached generation affordable.
     reach = cfg.n_blocks * (window - bs)
 
-    def sigma_of(t):
-        return sigma_from_move_chance(t) if cfg.time_conditioning else None
-
-    def block_hidden(lo, t):
-        # Hidden states (B, bs, D) of the block starting at lo; with the cache this also writes its keys.
+    def hidden(lo, t):
+        # Hidden states (B, bs, D) of the block starting at lo at noise level t (B,); with the cache this
+        # also writes the block's keys into it.
         stats['forward_passes'] += 1
-        hi = lo + bs
+        sigma = sigma_from_move_chance(t.float()) if cfg.time_conditioning else None
         if cache is not None:
-            return model._hidden(x[:, lo:hi], sigma_of(t), torch.arange(lo, hi, device=device), cache)
+            return model._hidden(x[:, lo:lo + bs], sigma, torch.arange(lo, lo + bs, device=device), cache)
         start = max(0, lo - reach)
-        return model._hidden(x[:, start:hi], sigma_of(t), torch.arange(start, hi, device=device))[:, -bs:]
-
-    def denoiser_probs(lo, t, j=None):
-        # p_theta(x0 | xt) over the block, (B, bs, V) in float64; only at position j (B, V) if given,
-        # which spares the vocabulary projection of the other positions.
-        stats['nfe'] += 1
-        h = block_hidden(lo, t)
-        c = model._cond(x, sigma_of(t))
-        if j is not None:
-            h = h[torch.arange(B, device=device), j]
-        elif c is not None:
-            c = c[:, None]
-        logits = model.output_layer(h, c).double()
-        logits[..., mask_id] = -float('inf')
-        shape = (B,) + (1,) * (logits.dim() - 1)                     # per-row settings broadcast
-        if any_scaled:
-            logits = logits / torch.where(greedy, 1.0, temperature).view(shape)
-        probs = logits.softmax(-1)
-        if any_greedy:  # temperature 0: all mass on the most likely token
-            probs = torch.where(greedy.view(shape), F.one_hot(logits.argmax(-1), logits.shape[-1]).double(), probs)
-        return _nucleus(probs, top_p.view(shape)) if any_nucleus else probs
+        return model._hidden(x[:, start:lo + bs], sigma, torch.arange(start, lo + bs, device=device))[:, -bs:]
 
     # Clean blocks enter the cache with one pass each. Only a time-conditioned model reads the noise
     # level there (adaLN modulates every position); it gets the clean end of the schedule. Without
     # time conditioning (the released models) cached and uncached sampling agree exactly.
-    clean_t = torch.full((B,), 1e-3, device=device)
-    first_block = P // bs
-    if cache is not None:  # prefill: the prompt's complete blocks
-        for b in range(first_block):
-            block_hidden(b * bs, clean_t)
-            cache.n_committed += 1
-
-    for b in range(first_block, n_blocks):
-        lo, hi = b * bs, (b + 1) * bs
-        pos = torch.arange(lo, hi, device=device)
-        active = (x[:, lo:hi] == mask_id) & (pos < totals[:, None]) & ~done[:, None]   # (B, bs) to generate
-        t = torch.ones(B, dtype=torch.float64, device=device)
-        if steps is None:
-            while active.any():
-                n = active.sum(-1)
-                u = _uniform((B,), generator, device, torch.float64, n > 0)
-                t = torch.where(n > 0, t * u ** (1 / n.clamp(min=1)), t)
-                score = _uniform((B, bs), generator, device, rows=n > 0).masked_fill(~active, -1)
-                j = score.argmax(-1)                                          # a uniform masked position
-                rows = torch.arange(B, device=device)
-                token = _sample_categorical(denoiser_probs(lo, t.float(), j), generator, n > 0)
-                reveal = active[rows, j]
-                x[rows[reveal], lo + j[reveal]] = token[reveal]
-                active[rows, j] = False
-        else:
-            probs = None
-            for i in range(steps):
-                if not active.any():
-                    break
-                t_now, s = 1 - i / steps, 1 - (i + 1) / steps
-                if probs is None or cfg.time_conditioning:
-                    probs = denoiser_probs(lo, torch.full((B,), t_now, device=device))
-                drawing = active.any(-1)
-                reveal = active & (_uniform((B, bs), generator, device, torch.float64, drawing) < 1 - s / t_now)
-                token = _sample_categorical(probs, generator, drawing)
-                x[:, lo:hi] = torch.where(reveal, token, x[:, lo:hi])
-                active &= ~reveal
-                if reveal.any():
-                    probs = None
-        if cache is not None:
-            block_hidden(lo, clean_t)  # commit the finished block
-            cache.n_committed += 1
-        end = min(hi, total)
+    clean_t = torch.full((B,), EPS, device=device)
+    if cache is not None:                                     # prefill: the prompt's complete blocks
+        for b in range(P // bs):
+            hidden(b * bs, clean_t)
+            cache.commit()
+    for b in range(P // bs, n_blocks):                        # Alg. 2: blocks left to right
+        lo = b * bs
+        block = x[:, lo:lo + bs]                                                 # a view: updated in place
+        pos = torch.arange(lo, lo + bs, device=device)
+        state = BlockState((block == mask_id) & (pos < lengths[:, None]) & ~done[:, None])
+        while state.active.any():                             # denoise the block, one model call at a time
+            stats['nfe'] += denoise_step(model, block, state, sampling, lambda t: hidden(lo, t), generator,
+                                         stats['row_nfe'])
+        if cache is not None:                                 # the finished block joins the clean prefix
+            hidden(lo, clean_t)
+            cache.commit()
+        end = min(lo + bs, total)
         _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
         if on_block is not None:
             on_block(x[:, :end], end)

@@ -362,7 +362,7 @@ def evaluate(search=True):
         losses = [model.nelbo(x, interval=bd3lm.FULL_INTERVAL, schedule=noise_schedule, generator=noise).item()
                   for x in batches]
         out['val_nelbo'] = sum(losses) / len(losses)
-        if search and clip_search and config.block_size > 1:
+        if search and clip_search:  # block size 1: full interval vs t = 1 (the AR loss)
             widths = [float(w) for w in str(clip_search_widths).split(',')]
             best, variances = bd3lm.search_clip_interval(model, batches[:clip_search_iters], widths, clip_search_delta,
                                                          noise_schedule, resample, noise)

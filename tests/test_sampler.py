@@ -72,25 +72,41 @@ def _conditionals(model, x):
     return logits.softmax(-1)
 
 
-@pytest.mark.parametrize('steps', [None, 1])
-def test_sampler_draws_from_the_model_distribution(steps):
+RULES = {  # every unmasking rule, and the law it should draw two tokens of one block from
+    'first-hitting': ({}, 'uniform'),
+    'one ancestral step': ({'steps': 1}, 'together'),
+    'threshold 1, uniform order': ({'threshold': 1.0}, 'uniform'),       # nothing exceeds 1: first-hitting's law
+    'threshold 0': ({'threshold': 0.0}, 'together'),                    # everything at once
+    'entropy bound 0, uniform order': ({'entropy_bound': 0.0, 'order': 'uniform'}, 'uniform'),
+    'entropy bound 0, entropy order': ({'entropy_bound': 0.0}, 'lowest entropy first'),
+    'threshold 1, confidence order': ({'threshold': 1.0, 'order': 'confidence'}, None),   # law not closed-form
+    'two per call': ({'tokens_per_call': 2}, 'together'),
+}
+
+
+@pytest.mark.parametrize('rule', [r for r in RULES if RULES[r][1]])
+def test_sampler_draws_from_the_model_distribution(rule):
     # One block [BOS, ?, ?, pad]: two new tokens over a 5-token vocabulary (+ mask). The exact law of
     # the two tokens is computed from the model's conditionals; 20,000 draws are compared by chi-square.
-    # It fails if the sampler uses the wrong position's conditional, a biased categorical draw, or
-    # ignores the other revealed token (checked by mutating the sampler).
+    # It fails if the sampler uses the wrong position's conditional, a biased categorical draw, ignores
+    # the other revealed token (checked by mutating the sampler), or reveals in another order than the rule's.
+    kwargs, law = RULES[rule]
     model = random_model(block_size=4, model_length=4, vocab_size=6, seed=3)
     M, bos = model.config.mask_id, 4
     p_mm = _conditionals(model, torch.tensor([[bos, M, M, M]]))[0]   # both masked
+    entropy = -(p_mm[1:3, :5] * p_mm[1:3, :5].log()).sum(-1)
     exact = torch.zeros(5, 5, dtype=torch.float64)
     for a, b in itertools.product(range(5), range(5)):
-        if steps == 1:   # one ancestral step from t=1 to 0 reveals both tokens independently
+        p_a_then = _conditionals(model, torch.tensor([[bos, a, M, M]]))[0, 2, b]
+        p_b_then = _conditionals(model, torch.tensor([[bos, M, b, M]]))[0, 1, a]
+        if law == 'together':     # both tokens revealed by one call, independently
             exact[a, b] = p_mm[1, a] * p_mm[2, b]
-        else:            # first hitting: a uniformly chosen position first, then the other given it
-            p_a_then = _conditionals(model, torch.tensor([[bos, a, M, M]]))[0, 2, b]
-            p_b_then = _conditionals(model, torch.tensor([[bos, M, b, M]]))[0, 1, a]
+        elif law == 'uniform':    # a uniformly chosen position first, then the other given it
             exact[a, b] = 0.5 * p_mm[1, a] * p_a_then + 0.5 * p_mm[2, b] * p_b_then
+        else:                     # the position with the lower entropy first
+            exact[a, b] = p_mm[1, a] * p_a_then if entropy[0] < entropy[1] else p_mm[2, b] * p_b_then
     n = 20_000
-    out = model.generate(torch.full((n, 1), bos), 2, steps=steps, generator=torch.Generator().manual_seed(0))
+    out = model.generate(torch.full((n, 1), bos), 2, generator=torch.Generator().manual_seed(0), **kwargs)
     counts = torch.zeros(5, 5, dtype=torch.float64)
     counts.index_put_((out[:, 1], out[:, 2]), torch.ones(n, dtype=torch.float64), accumulate=True)
     # 24 degrees of freedom: P(chi2 > 51.18) = 0.001. A sampler off by a few percent anywhere fails.
@@ -185,3 +201,124 @@ def test_eos_defaults_to_the_model_s_own():
     model = _biased_model(9, block_size=4, model_length=16, eos_id=9)
     out, stats = model.generate(torch.tensor([[1, 2]]), 12, stop_at_eos=True, return_stats=True)
     assert stats['lengths'].tolist() == [3] and (out[0, 2:] == 9).all()
+
+
+# --- the adaptive unmasking rules ------------------------------------------------------------------
+
+
+def test_rule_functions_on_hand_made_blocks():
+    masked = torch.tensor([[True, True, True, False], [False, False, False, False]])
+    confidence = torch.tensor([[0.9, 0.3, 0.6, 0.99], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    entropy = torch.tensor([[0.2, 2.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    first = torch.tensor([[0.0, 0.0, 1.0, 5.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)   # position 2 first
+    knob = lambda v: torch.tensor([v, v], dtype=torch.float64)
+    T, F_ = True, False
+    # above tau (position 0; position 3 is not masked), plus the first in order (position 2)
+    assert bd3lm.reveal_threshold(confidence, entropy, masked, first, knob(0.8)).tolist() == [[T, F_, T, F_], [F_] * 4]
+    assert bd3lm.reveal_threshold(confidence, entropy, masked, first, knob(1.0)).tolist() == [[F_, F_, T, F_], [F_] * 4]
+    # in order 2, then 0 (-confidence... here: the order 'first' ranks 2, then 0/1 tie by index); entropies 0.5, 0.2
+    by_entropy = -entropy
+    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(0.0)).tolist() == [[T, F_, F_, F_], [F_] * 4]
+    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(0.7)).tolist() == [[T, F_, T, F_], [F_] * 4]
+    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(2.69)).tolist() == [[T, F_, T, F_], [F_] * 4]
+    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(2.7)).tolist() == [[T, T, T, F_], [F_] * 4]
+    k = torch.tensor([2, 2])
+    assert bd3lm.reveal_most_confident(confidence, entropy, masked, first, k).tolist() == [[T, F_, T, F_], [F_] * 4]
+
+
+@pytest.mark.parametrize('kwargs,calls_per_block', [
+    ({'threshold': 1.0}, None), ({'threshold': 1.0, 'order': 'confidence'}, None), ({'entropy_bound': 0.0}, None),
+    ({'threshold': 0.0}, 1), ({'entropy_bound': 1e9}, 1), ({'entropy_bound': 1e9, 'order': 'uniform'}, 1),
+    ({'tokens_per_call': 3}, 2), ({'tokens_per_call': 4}, 1), ({'tokens_per_call': 1}, None)])
+def test_model_calls_per_rule(kwargs, calls_per_block):
+    # None: one token per call (NFE = new tokens); else calls per full block (ceil(block / k)).
+    model = random_model(block_size=4, model_length=16)
+    new = 24                                  # prompt of 4 = one full block, then 6 full blocks
+    _, stats = model.generate(prompt(model, P=4), new, generator=torch.Generator().manual_seed(0), return_stats=True,
+                              **kwargs)
+    assert stats['nfe'] == (new if calls_per_block is None else 6 * calls_per_block)
+    assert stats['row_nfe'].tolist() == [stats['nfe']] * 2
+
+
+RULE_CASES = [{'threshold': 0.05}, {'threshold': 0.05, 'order': 'confidence'}, {'entropy_bound': 4.0},
+              {'entropy_bound': 4.0, 'order': 'uniform'}, {'tokens_per_call': 2}]
+
+
+@pytest.mark.parametrize('kwargs', RULE_CASES)
+@pytest.mark.parametrize('P', [1, 6])
+def test_cached_equals_uncached_for_every_rule(kwargs, P):
+    model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2).double()   # confident enough to batch
+    idx = prompt(model, P=P)
+    outs = [model.generate(idx, 45, kv_cache=kv, generator=torch.Generator().manual_seed(3), return_stats=True, **kwargs)
+            for kv in (True, False)]
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1]['nfe'] == outs[1][1]['nfe']
+    assert outs[0][1]['nfe'] < 45 * 2          # several tokens per call somewhere (else the rule is not exercised)
+    assert not (outs[0][0] == model.config.mask_id).any()
+
+
+def test_a_row_is_the_same_alone_and_in_a_batch_with_other_settings():
+    model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2).double()
+    idx = prompt(model, B=3, P=3)
+    taus, temps, top_ps, lengths = [0.05, 0.5, 1.0], [1.0, 0.7, 0.0], [1.0, 0.8, 0.5], [30, 17, 23]
+    batch, stats = model.generate(idx, lengths, threshold=taus, temperature=temps, top_p=top_ps, return_stats=True,
+                                  generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    for r in range(3):
+        alone, alone_stats = model.generate(idx[r:r + 1], lengths[r], threshold=taus[r], temperature=temps[r],
+                                            top_p=top_ps[r], generator=[torch.Generator().manual_seed(5 + r)],
+                                            return_stats=True)
+        assert torch.equal(alone[0], batch[r, :alone.shape[1]])
+        assert alone_stats['nfe'] == stats['row_nfe'][r]           # each row's own calls: what it pays alone
+    # blocks advance together, so the batch's calls are the per-block maximum summed over blocks
+    assert max(stats['row_nfe'].tolist()) <= stats['nfe'] < sum(stats['row_nfe'].tolist())
+
+
+@pytest.mark.parametrize('kwargs', RULE_CASES + [{}, {'steps': 2}])
+def test_revealed_tokens_never_change(kwargs, monkeypatch):
+    model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2)
+    M = model.config.mask_id
+    step, calls = bd3lm.denoise_step, []
+
+    def watched(model, xb, state, *args):
+        before = xb.clone()
+        called = step(model, xb, state, *args)
+        revealed = before != M
+        assert torch.equal(xb[revealed], before[revealed])            # a revealed token stays as it was
+        assert not (xb[state.active] != M).any()                       # still-masked positions hold the mask
+        calls.append(int(((before == M) & (xb != M)).sum()))
+        return called
+    monkeypatch.setattr(bd3lm, 'denoise_step', watched)
+    out = model.generate(prompt(model, P=2), 30, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert sum(calls) == 2 * 30 and not (out == M).any()
+
+
+@pytest.mark.parametrize('kwargs', [{'threshold': 0.5}, {'entropy_bound': 1.0}, {'tokens_per_call': 2}])
+def test_the_proposed_token_follows_the_row_s_temperature_and_top_p(kwargs):
+    # One masked position: every rule reveals it with the proposed token, which must follow the row's law
+    # softmax(logits / temperature) cut to its nucleus (chi-square over 20,000 draws).
+    model = random_model(block_size=2, model_length=2, vocab_size=9, seed=4)
+    bos, M = 7, model.config.mask_id
+    with torch.no_grad():
+        logits = model(torch.tensor([[bos, M]]))[0, 1].double()
+    logits[M] = -float('inf')
+    law = bd3lm._nucleus((logits / 0.7).softmax(-1), 0.8)
+    n = 20_000
+    out = model.generate(torch.full((n, 1), bos), 1, temperature=0.7, top_p=0.8,
+                         generator=torch.Generator().manual_seed(0), **kwargs)
+    counts = torch.bincount(out[:, 1], minlength=9).double()
+    support = law > 0
+    assert counts[~support].sum() == 0                                 # nothing outside the nucleus
+    dof = int(support.sum()) - 1
+    assert _chi_square(counts[support], law[support]) < {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}[dof]
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    ({'threshold': 1.5}, 'threshold must be in'), ({'threshold': -0.1}, 'threshold must be in'),
+    ({'entropy_bound': -1.0}, 'entropy_bound must be'), ({'tokens_per_call': 0}, 'tokens_per_call must be'),
+    ({'threshold': 0.9, 'entropy_bound': 1.0}, 'choose one unmasking rule'), ({'steps': 2, 'threshold': 0.5}, 'choose one'),
+    ({'threshold': 0.9, 'order': 'random'}, 'order must be one of'), ({'steps': 2, 'order': 'confidence'}, 'order applies'),
+    ({'threshold': [0.9, 0.5, 0.1]}, 'one per row'), ({'tokens_per_call': 1.5}, 'tokens_per_call must be one value')])
+def test_bad_rule_settings_are_one_line_errors(kwargs, message):
+    model = random_model()
+    with pytest.raises(ValueError, match=message) as e:
+        model.generate(torch.tensor([[1, 2]]), 4, **kwargs)
+    assert '\n' not in str(e.value)
