@@ -784,13 +784,19 @@ ADAPTIVE_RULES = {'threshold': reveal_threshold, 'entropy_bound': reveal_entropy
                   'tokens_per_call': reveal_most_confident}
 
 
-def _nucleus(probs, top_p):
-    # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one token).
-    # top_p: a number, or a tensor broadcastable to probs[..., :1] (one value per row).
+NUCLEUS_RULES = ('standard', 'bd3lms')
+
+
+def _nucleus(probs, top_p, rule='standard'):
+    # 'standard': keep the smallest set of most likely tokens whose mass reaches top_p. 'bd3lms': keep the
+    # tokens while the cumulative mass stays <= top_p, i.e. drop the token that crosses it (bd3lms'
+    # _nucleus_sample). Both always keep the most likely token. top_p: a number, or a tensor
+    # broadcastable to probs[..., :1] (one value per row).
     if bool((torch.as_tensor(top_p) >= 1.0).all()):
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p * sorted_p.sum(-1, keepdim=True)
+    mass, total = sorted_p.cumsum(-1), top_p * sorted_p.sum(-1, keepdim=True)
+    keep_sorted = (mass - sorted_p) < total if rule == 'standard' else mass <= total
     keep_sorted[..., 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     probs = probs * keep
@@ -840,7 +846,7 @@ class Sampling:
     and each row's temperature and top_p (what a row draws never depends on its batch mates)."""
 
     def __init__(self, B, device, steps=None, threshold=None, entropy_bound=None, tokens_per_call=None, order=None,
-                 temperature=1.0, top_p=1.0):
+                 temperature=1.0, top_p=1.0, nucleus='standard'):
         chosen = [name for name, v in (('steps', steps), ('threshold', threshold), ('entropy_bound', entropy_bound),
                                        ('tokens_per_call', tokens_per_call)) if v is not None]
         if len(chosen) > 1:
@@ -860,6 +866,9 @@ class Sampling:
             raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
         self.temperature = _per_row('temperature', temperature, B, torch.float64, device, lambda v: v >= 0, '>= 0 (0 = greedy)')
         self.top_p = _per_row('top_p', top_p, B, torch.float64, device, lambda v: 0 < v <= 1, 'in (0, 1]')
+        if nucleus not in NUCLEUS_RULES:
+            raise ValueError(f'nucleus must be one of {NUCLEUS_RULES}, got {nucleus!r}')
+        self.nucleus = nucleus
         # Decided once, not per model call: which of temperature, greedy rows and nucleus are in play.
         self.greedy = self.temperature == 0
         self.any_greedy, self.any_scaled = bool(self.greedy.any()), bool((self.temperature != 1).any())
@@ -876,7 +885,7 @@ class Sampling:
         if self.any_greedy:  # temperature 0: all mass on the most likely token
             one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
             probs = torch.where(self.greedy[rows].view(shape), one_hot, probs)
-        return _nucleus(probs, self.top_p[rows].view(shape)) if self.any_nucleus else probs
+        return _nucleus(probs, self.top_p[rows].view(shape), self.nucleus) if self.any_nucleus else probs
 
 
 class BlockState:
@@ -973,17 +982,21 @@ def _adaptive_call(model, xb, state, sampling, hidden, generator, drawing):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
              stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False,
-             temperature=1.0, threshold=None, entropy_bound=None, tokens_per_call=None, order=None):
+             temperature=1.0, threshold=None, entropy_bound=None, tokens_per_call=None, order=None,
+             nucleus='standard'):
     """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max(max_new_tokens)).
 
     The unmasking rule: first-hitting (default), steps=K, threshold=tau, entropy_bound=gamma or
     tokens_per_call=k (at most one), with `order` for the adaptive ones; see the sampler section above.
     max_new_tokens, top_p, temperature, and the knob tau / gamma / k: one value, or one per row (a list
     or (B,) tensor), so that requests with different settings can share a batch. temperature divides
-    the logits (0 = greedy); top_p: nucleus sampling. generator: a torch.Generator, or a list of B (one
+    the logits (0 = greedy); top_p: nucleus sampling (nucleus='bd3lms' drops the token that crosses top_p,
+    as bd3lms does). generator: a torch.Generator, or a list of B (one
     per row; see _uniform). stop_at_eos: a row stops after the first EOS it generates. stop_entropy:
-    bd3lms' variable-length rule (the paper uses 4): once the unigram entropy of a row's last 256 tokens
-    falls below this, the row stops and those 256 degenerate tokens are dropped (never the prompt). Rows
+    bd3lms' variable-length rule (the paper uses 4): checked after each block once a row holds more than 256
+    tokens; when the unigram entropy of its last 256 tokens is below this, the row stops and those 256
+    degenerate tokens are dropped (never the prompt; if an EOS came in the same block, this cut wins, as in
+    bd3lms). Rows
     stop independently; positions after a row's end are filled with eos_id (default: config.eos_id).
     on_block(x, end): called after each finished block with the tokens so far (streaming).
     return_stats: also return {'nfe': model calls for the batch, 'row_nfe': (B,) each row's own calls
@@ -996,7 +1009,7 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
                          f'BOS, config.bos_id = {cfg.bos_id})')
     B, P = idx.shape
     device = model.vocab_embed.embedding.device
-    sampling = Sampling(B, device, steps, threshold, entropy_bound, tokens_per_call, order, temperature, top_p)
+    sampling = Sampling(B, device, steps, threshold, entropy_bound, tokens_per_call, order, temperature, top_p, nucleus)
     new_tokens = _per_row('max_new_tokens', max_new_tokens, B, torch.long, device, lambda v: v > 0,
                           'a positive integer (or one per row)')
     if isinstance(generator, (list, tuple)) and len(generator) != B:
@@ -1077,8 +1090,8 @@ def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
             generated = (x[r, P:end] == eos_id).nonzero()
             if len(generated):
                 cut = P + int(generated[0]) + 1
-        if cut is None and stop_entropy is not None and end >= 256 and _unigram_entropy(x[r, end - 256:end]) < stop_entropy:
-            cut = max(P, end - 256)  # as bd3lms: drop the low-entropy window
+        if stop_entropy is not None and end > 256 and _unigram_entropy(x[r, end - 256:end]) < stop_entropy:
+            cut = max(P, end - 256)  # as bd3lms: drop the low-entropy window (it overrides an EOS cut)
         if cut is not None:
             done[r] = True
             lengths[r] = cut
@@ -1366,7 +1379,7 @@ def _lightning_tokenizer(tok, n_embeddings, path, name_hint=None):
     """The special tokens and vocabulary a bd3lms checkpoint was trained with, read off its pickled
     tokenizer (an inert stand-in: only its stored data is looked at). bd3lms uses the tokenizer's own
     mask token when it has one (BERT: [MASK] inside the vocabulary), else appends one after the
-    vocabulary; BOS/EOS are bos/eos_token, or cls/sep_token when those are unset."""
+    vocabulary; BOS and EOS are the first id that encoding bos/eos_token gives: [CLS] for BERT."""
     state = getattr(tok, 'state', None) if isinstance(tok, _Inert) else None
     state = state if isinstance(state, dict) else {}
     kind = type(tok).__name__ if tok is not None else ''
@@ -1391,9 +1404,12 @@ def _lightning_tokenizer(tok, n_embeddings, path, name_hint=None):
         vocab = [None] * len(vocab_map)
         for token, i in vocab_map.items():
             vocab[i] = token
-        ids = {name: vocab_map.get(specials.get(name)) for name in ('mask', 'bos', 'eos', 'cls', 'sep')}
-        config = {'tokenizer': 'wordpiece', 'mask_id': ids['mask'], 'bos_id': ids['bos'] if ids['bos'] is not None
-                  else ids['cls'], 'eos_id': ids['eos'] if ids['eos'] is not None else ids['sep']}
+        # bd3lms takes BOS = tokenizer.encode(bos_token)[0] and EOS = tokenizer.encode(eos_token)[0]. A BERT
+        # tokenizer's encode() puts [CLS] first, so both are [CLS]: its LM1B stream is s1 [CLS] s2 [CLS] ...
+        # and every chunk is framed by [CLS] at both ends. The model learned [CLS] as its separator.
+        cls_id = vocab_map.get(specials.get('cls'))
+        config = {'tokenizer': 'wordpiece', 'mask_id': vocab_map.get(specials.get('mask')), 'bos_id': cls_id,
+                  'eos_id': cls_id}
         if None in config.values() or len(vocab) != n_embeddings:
             raise ValueError(f'{path}: the WordPiece tokenizer ({len(vocab)} tokens, special tokens {specials}) does '
                              f'not fit a model with {n_embeddings} embeddings and a mask token inside the vocabulary')
@@ -1426,6 +1442,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.mask_id = config.bos_id, config.eos_id, config.mask_id
         self.vocab_size = config.vocab_size
         self.skip = {config.bos_id, config.eos_id, config.mask_id}
+        self.kept = {config.bos_id, config.eos_id}                   # what keep_special=True keeps
         if self.kind == 'gpt2':
             if config.vocab_size < 50257:
                 raise ValueError(f'this model has vocab_size={config.vocab_size}, too small for the GPT-2 tokenizer '
@@ -1435,8 +1452,7 @@ class Tokenizer:
             if vocab is None:
                 raise ValueError('a WordPiece model needs its vocabulary (vocab.txt beside the weights)')
             self.wordpiece = _wordpiece(vocab)
-            if '[PAD]' in vocab:
-                self.skip.add(vocab.index('[PAD]'))
+            self.skip |= {vocab.index(t) for t in WORDPIECE_SPECIALS if t in vocab and t != '[UNK]'}
 
     def encode(self, text):
         if self.kind == 'gpt2':
@@ -1448,17 +1464,19 @@ class Tokenizer:
             return self.tiktoken.encode_ordinary_batch(texts)
         return [e.ids for e in self.wordpiece.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids):
-        ids = [i for i in ids if i not in self.skip]
+    def decode(self, ids, keep_special=False):
+        """Text of `ids` without BOS, EOS, mask and padding; keep_special=True keeps BOS/EOS as their text
+        (<|endoftext|>, [CLS], ...), as bd3lms decodes samples for the generative-perplexity judge."""
+        ids = [i for i in ids if i not in (self.skip - self.kept if keep_special else self.skip)]
         if self.kind == 'gpt2':
             return self.tiktoken.decode_bytes([i for i in ids if i < 50257]).decode('utf-8', errors='replace')
         return self.wordpiece.decode(ids, skip_special_tokens=False)
 
-    def completion(self, prompt, ids):
+    def completion(self, prompt, ids, keep_special=False):
         """The text that `ids` add after `prompt`: decode(prompt + ids) minus decode(prompt), so that a
         continuation gets its leading space and a '##' piece extends the prompt's last word."""
-        head, full = self.decode(prompt), self.decode(list(prompt) + list(ids))
-        return full[len(head):] if full.startswith(head) else self.decode(ids)
+        head, full = self.decode(prompt, keep_special), self.decode(list(prompt) + list(ids), keep_special)
+        return full[len(head):] if full.startswith(head) else self.decode(ids, keep_special)
 
     def stream(self, prompt=()):
         return TextStream(self, prompt)

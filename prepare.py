@@ -70,19 +70,22 @@ def detokenize(name, text):
 
 
 # name -> (Hugging Face dataset id, config, text field, validation split, tokenizer, format, EOS after each doc).
-# OWT has no validation split: bd3lms holds out its last 100K documents. The zero-shot sets are scored on
-# their validation/test split, wrapped, without an EOS per document (bd3lms' zero-shot scripts).
+# The validation split is bd3lms' (dataloader.py): 'test' for LM1B and AG News, 'validation' for the others.
+# OWT has no validation split: bd3lms holds out its last 100K documents. LAMBADA is OpenAI's
+# lambada_test.jsonl (GPT-2's release), read whole, as bd3lms reads it. The zero-shot sets are scored
+# wrapped, without an EOS per document (bd3lms' zero-shot scripts: +data.insert_valid_eos=False).
+LAMBADA_URL = 'https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl'
 HF_DATASETS = {
     'openwebtext': ('Skylion007/openwebtext', None, 'text', 'last:100000', 'gpt2', 'plain', True),
     'lm1b': ('dvruette/lm1b', None, 'text', 'test', 'bert-base-uncased', 'wrapped', True),
     'lm1b-gpt2': ('dvruette/lm1b', None, 'text', 'test', 'gpt2', 'wrapped', False),
-    'wikitext103': ('wikitext', 'wikitext-103-raw-v1', 'text', 'test', 'gpt2', 'wrapped', False),
-    'wikitext2': ('wikitext', 'wikitext-2-raw-v1', 'text', 'test', 'gpt2', 'wrapped', False),
-    'ptb': ('ptb_text_only', None, 'sentence', 'test', 'gpt2', 'wrapped', False),
-    'lambada': ('EleutherAI/lambada_openai', 'en', 'text', 'test', 'gpt2', 'wrapped', False),
+    'wikitext103': ('wikitext', 'wikitext-103-raw-v1', 'text', 'validation', 'gpt2', 'wrapped', False),
+    'wikitext2': ('wikitext', 'wikitext-2-raw-v1', 'text', 'validation', 'gpt2', 'wrapped', False),
+    'ptb': ('ptb_text_only', None, 'sentence', 'validation', 'gpt2', 'wrapped', False),
+    'lambada': (LAMBADA_URL, None, 'text', 'all', 'gpt2', 'wrapped', False),
     'ag_news': ('ag_news', None, 'text', 'test', 'gpt2', 'wrapped', False),
-    'scientific_papers_pubmed': ('scientific_papers', 'pubmed', 'article', 'test', 'gpt2', 'wrapped', False),
-    'scientific_papers_arxiv': ('scientific_papers', 'arxiv', 'article', 'test', 'gpt2', 'wrapped', False),
+    'scientific_papers_pubmed': ('scientific_papers', 'pubmed', 'article', 'validation', 'gpt2', 'wrapped', False),
+    'scientific_papers_arxiv': ('scientific_papers', 'arxiv', 'article', 'validation', 'gpt2', 'wrapped', False),
 }
 
 
@@ -147,6 +150,13 @@ def hf_dataset(name, splits=('train', 'val')):
     except ImportError:
         raise SystemExit(f"--dataset={name} needs the `datasets` package: pip install 'bd3lm[data]'") from None
     repo, config, field, val_split, *_ = HF_DATASETS[name]
+    if repo.startswith('https://'):  # a JSON-lines file (LAMBADA): all of it is the validation split
+        import urllib.request
+        with urllib.request.urlopen(repo) as f:
+            for i, line in enumerate(f.read().decode('utf-8').splitlines()):
+                if line.strip():
+                    yield f'{name}:{i}', detokenize(name, json.loads(line)[field]), 'val'
+        return
     if val_split.startswith('last:'):  # hold out the last N documents of the train split
         ds = load_dataset(repo, config, split='train')
         first_val = len(ds) - int(val_split[5:])
@@ -181,8 +191,10 @@ def load_tokenizer(name):
     missing = [t for t in ('[MASK]', '[CLS]', '[SEP]', '[UNK]') if t not in vocab]
     if missing:
         raise SystemExit(f'{path}: a BERT WordPiece vocabulary needs {missing}')
+    # BOS = EOS = [CLS], as bd3lms computes them (tokenizer.encode(token)[0] starts with [CLS] for BERT): the
+    # stream is doc1 [CLS] doc2 [CLS] ... and every wrapped chunk is [CLS] ... [CLS].
     config = bd3lm.BD3LMConfig(vocab_size=len(vocab), tokenizer='wordpiece', mask_id=vocab.index('[MASK]'),
-                               bos_id=vocab.index('[CLS]'), eos_id=vocab.index('[SEP]'))
+                               bos_id=vocab.index('[CLS]'), eos_id=vocab.index('[CLS]'))
     return bd3lm.Tokenizer(config, vocab), vocab
 
 
@@ -242,7 +254,7 @@ def write(docs, out_dir, val_fraction, source, total=None, tokenizer='gpt2', fmt
         meta[f'{split}_tokens'] = int(len(tokens))
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f, indent=2)
-    print(f'{out_dir}: {meta["train_tokens"]:,} train tokens, {meta["val_tokens"]:,} val tokens, {n_docs:,} documents, '
+    print(f'{out_dir}: {meta.get("train_tokens", 0):,} train tokens, {meta["val_tokens"]:,} val tokens, {n_docs:,} documents, '
           f'{meta["tokenizer"]} tokens, {fmt} format')
     return meta
 

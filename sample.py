@@ -25,7 +25,12 @@ start = ''              # prompt text, or FILE:path to read it from a file; the 
 num_samples = 1
 max_new_tokens = 256
 steps = None            # None: first-hitting (one token per model call); K: K denoising steps per block
+threshold = None        # adaptive: reveal every masked position whose confidence exceeds this (and at least one)
+entropy_bound = None    # adaptive: reveal positions while their summed entropy stays within this many nats
+tokens_per_call = None  # adaptive: reveal the k most confident positions per call
+order = None            # which position comes first: 'uniform', 'confidence', 'entropy' (threshold, entropy_bound)
 top_p = 0.9             # nucleus sampling
+nucleus = 'standard'    # 'standard' (smallest set reaching top_p) or 'bd3lms' (cumulative mass <= top_p)
 stop_at_eos = False     # stop a sample at the first EOS it generates
 stop_entropy = None     # e.g. 4.0: stop when the last 256 tokens' unigram entropy falls below this
 seed = 1337
@@ -36,6 +41,8 @@ kv_cache = True
 temperature = 1.0       # divides the logits (0 = greedy)
 gen_ppl_model = None    # e.g. 'gpt2-large': score the samples' generative perplexity with this causal LM
 gen_ppl_stride = 512    # sliding-window stride over the judge's context for long samples
+retry_degenerate = False  # bd3lms' fixed-length rule: redraw a sample whose last 256 tokens' unigram entropy
+                        # falls below 4 at any block (up to 10 tries)
 out_file = None         # write the samples, gen_ppl, entropy, NFEs and these settings as JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -50,10 +57,17 @@ _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a 
            ('stop_entropy', stop_entropy is None or _number(stop_entropy), 'None or a number such as 4.0'),
            ('temperature', _number(temperature) and temperature >= 0, 'a number >= 0'),
            ('gen_ppl_stride', isinstance(gen_ppl_stride, int) and gen_ppl_stride > 0, 'a positive integer'),
+           ('retry_degenerate', isinstance(retry_degenerate, bool), 'True or False'),
            ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'")]
 for _name, _ok, _what in _checks:
     if not _ok:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
+rule = dict(steps=steps, threshold=threshold, entropy_bound=entropy_bound, tokens_per_call=tokens_per_call, order=order,
+            nucleus=nucleus)
+try:  # the unmasking rule and its knobs, checked by the sampler itself
+    bd3lm.Sampling(1, 'cpu', **rule)
+except ValueError as e:
+    raise SystemExit(f'--{e}') from None
 if device.startswith('cuda') and not torch.cuda.is_available():
     raise SystemExit(f'--device={device}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device=cpu')
 
@@ -98,14 +112,38 @@ def on_block(x, end):
         printed[0] = end
 
 
+def degenerate(ids, block_size, window=256, floor=4.0):
+    """bd3lms' check, made after every block once more than 256 tokens exist: the unigram entropy of the last
+    256 tokens below 4 nats. Tokens never change once written, so checking the finished sample at every
+    block end gives the same verdict."""
+    ends = list(range(block_size, len(ids), block_size)) + [len(ids)]
+    return any(e > window and bd3lm._unigram_entropy(ids[e - window:e]) < floor for e in ends)
+
+
 t0 = time.perf_counter()
-out, stats = model.generate(idx, max_new_tokens, steps=steps, top_p=top_p, kv_cache=kv_cache, generator=generator,
-                            stop_at_eos=stop_at_eos, stop_entropy=stop_entropy, on_block=on_block, return_stats=True,
-                            temperature=temperature)
+sample = lambda idx, on_block=None: model.generate(
+    idx, max_new_tokens, top_p=top_p, kv_cache=kv_cache, generator=generator, stop_at_eos=stop_at_eos,
+    stop_entropy=stop_entropy, on_block=on_block, return_stats=True, temperature=temperature, **rule)
+out, stats = sample(idx, on_block)
+bar.close()
+redrawn = 0
+if retry_degenerate:  # as bd3lms' fixed-length sampling: a degenerate sample is thrown away and drawn again
+    for _ in range(10):
+        bad = [i for i in range(num_samples) if degenerate(out[i, :int(stats['lengths'][i])], cfg.block_size)]
+        if not bad:
+            break
+        redrawn += len(bad)
+        again, more = sample(idx[bad])
+        out[bad], stats['lengths'][bad] = again, more['lengths']
+        stats['nfe'] += more['nfe']
+        stats['row_nfe'][bad] += more['row_nfe']
+    still = sum(degenerate(out[i, :int(stats['lengths'][i])], cfg.block_size) for i in range(num_samples))
+    print(f'retry_degenerate: {redrawn} draw(s) thrown away; {still} sample(s) still degenerate after 10 tries '
+          f'(kept, and counted in the JSON)' if still else f'retry_degenerate: {redrawn} draw(s) thrown away',
+          file=sys.stderr)
 if device.startswith('cuda'):
     torch.cuda.synchronize()
 elapsed = time.perf_counter() - t0
-bar.close()
 if num_samples == 1:
     print(stream.feed([], final=True))
 else:
@@ -114,15 +152,17 @@ else:
         print(enc.decode(out[i, :int(stats['lengths'][i])].tolist()))
 new_tokens = int((stats['lengths'] - len(prompt)).sum())
 print(f'---------- {new_tokens} tokens in {elapsed:.2f}s ({new_tokens / elapsed:.1f} tokens/s), '
-      f'{stats["nfe"]} model calls (NFEs)', file=sys.stderr)
+      f'{stats["nfe"]} model calls (NFEs), {new_tokens / max(1, int(stats["row_nfe"].sum())):.2f} tokens per call',
+      file=sys.stderr)
 
 
 @torch.no_grad()
 def generative_perplexity(texts, judge_name, stride=512):
     """The paper's sample-quality protocol: each text is re-tokenized with the judge's tokenizer, the
-    judge's BOS first; every token after it that is not EOS is scored, with windows of the judge's context
-    starting every `stride` tokens (a window scores the tokens the previous one did not reach). Returns
-    exp(total NLL / scored tokens) over all texts, token-weighted, and the number of scored tokens."""
+    judge's BOS first; every token after it that is not EOS is scored (EOS tokens the model generated are
+    in the text as <|endoftext|>: context, never targets), with windows of the judge's context starting
+    every `stride` tokens (a window scores the tokens the previous one did not reach). Returns, per text,
+    (summed NLL, scored tokens, the judge's token ids)."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
@@ -132,10 +172,10 @@ def generative_perplexity(texts, judge_name, stride=512):
     context = getattr(judge.config, 'n_positions', None) or judge.config.max_position_embeddings
     stride = min(stride, context)
     bos = judge_tok.bos_token_id if judge_tok.bos_token_id is not None else judge_tok.eos_token_id
-    total, count = 0.0, 0
+    scores = []
     for text in tqdm(texts, desc='gen ppl', unit='sample', file=sys.stderr, leave=False):
         ids = torch.tensor([bos] + judge_tok.encode(text, add_special_tokens=False), device=device)
-        scored_to = 1                                   # position 0 is BOS: never a target
+        total, count, scored_to = 0.0, 0, 1               # position 0 is BOS: never a target
         for begin in range(0, len(ids), stride):
             end = min(begin + context, len(ids))
             if end > scored_to:
@@ -148,22 +188,39 @@ def generative_perplexity(texts, judge_name, stride=512):
                 scored_to = end
             if end == len(ids):
                 break
-    return (math.exp(total / count) if count else float('nan')), count
+        scores.append((total, count, ids.tolist()))
+    return scores
 
 
 if gen_ppl_model is not None or out_file is not None:
     rows = [out[i, len(prompt):int(stats['lengths'][i])].tolist() for i in range(num_samples)]
-    rows = [[t for t in row if t != model.config.eos_id] for row in rows]
     texts = [enc.completion(prompt, row) for row in rows]
-    result = {'samples': texts, 'nfe': stats['nfe'],
-              'entropy': sum(bd3lm._unigram_entropy(torch.tensor(r)) for r in rows if r) / max(1, sum(1 for r in rows if r)),
-              'settings': {k: globals()[k] for k in ('init_from', 'start', 'num_samples', 'max_new_tokens', 'steps', 'top_p',
-                                                     'temperature', 'stop_at_eos', 'stop_entropy', 'seed', 'kv_cache',
-                                                     'dtype', 'gen_ppl_model', 'gen_ppl_stride')}}
+    # The judge reads the samples as bd3lms decodes them: generated EOS tokens stay, as <|endoftext|>.
+    judged = [enc.completion(prompt, row, keep_special=True) for row in rows]
+    result = {'samples': texts, 'nfe': stats['nfe'], 'nfe_per_sample': stats['row_nfe'].tolist(),
+              'tokens_per_call': [len(r) / max(1, int(n)) for r, n in zip(rows, stats['row_nfe'])],
+              'redrawn': redrawn,
+              'settings': {k: globals()[k] for k in ('init_from', 'start', 'num_samples', 'max_new_tokens', 'steps',
+                                                     'threshold', 'entropy_bound', 'tokens_per_call', 'order', 'top_p',
+                                                     'nucleus', 'temperature', 'stop_at_eos', 'stop_entropy', 'seed',
+                                                     'kv_cache', 'dtype', 'gen_ppl_model', 'gen_ppl_stride',
+                                                     'retry_degenerate')}}
+    # Entropy as bd3lms measures it: per sample, the unigram entropy of the token ids the judge reads (its
+    # BOS and any EOS included), averaged over samples. Without a judge: the model's own ids, BOS first.
+    ids = [[model.config.bos_id] + row for row in rows]
     if gen_ppl_model is not None:
-        result['gen_ppl'], result['gen_ppl_tokens'] = generative_perplexity(texts, gen_ppl_model, gen_ppl_stride)
-        print(f'generative perplexity under {gen_ppl_model}: {result["gen_ppl"]:.2f} ({result["gen_ppl_tokens"]:,} '
-              f'tokens), unigram entropy {result["entropy"]:.3f}', file=sys.stderr)
+        scores = generative_perplexity(judged, gen_ppl_model, gen_ppl_stride)
+        ids = [s[2] for s in scores]
+        nll, count = sum(s[0] for s in scores), sum(s[1] for s in scores)
+        result['gen_ppl'] = math.exp(nll / count) if count else float('nan')       # token-weighted
+        per_sample = [math.exp(s[0] / s[1]) for s in scores if s[1]]
+        result['gen_ppl_mean'] = sum(per_sample) / len(per_sample) if per_sample else float('nan')  # Table 3's
+        result['gen_ppl_per_sample'], result['gen_ppl_tokens'] = per_sample, count
+    result['entropy'] = sum(bd3lm._unigram_entropy(torch.tensor(i)) for i in ids) / len(ids)
+    if gen_ppl_model is not None:
+        print(f'generative perplexity under {gen_ppl_model}: mean of per-sample {result["gen_ppl_mean"]:.2f} (Table 3), '
+              f'token-weighted {result["gen_ppl"]:.2f} ({result["gen_ppl_tokens"]:,} tokens), unigram entropy '
+              f'{result["entropy"]:.3f}', file=sys.stderr)
     if out_file is not None:
         with open(out_file, 'w') as f:
             json.dump(result, f, indent=2)

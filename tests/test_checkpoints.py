@@ -30,8 +30,9 @@ def lm1b():
 def test_lm1b_checkpoint_takes_its_special_tokens_from_the_pickled_tokenizer(lm1b):
     model, ref = lm1b
     cfg = model.config
-    assert (cfg.tokenizer, cfg.mask_id, cfg.bos_id, cfg.eos_id) == ('wordpiece', 103, 101, 102) == \
-        ('wordpiece', ref['mask_index'], ref['bos'], 102)
+    # EOS = [CLS] = 101: bd3lms' tokenizer.encode('[SEP]')[0] is the [CLS] that encode() puts first
+    assert (cfg.tokenizer, cfg.mask_id, cfg.bos_id, cfg.eos_id) == ('wordpiece', 103, 101, 101) == \
+        ('wordpiece', ref['mask_index'], ref['bos'], 101)
     assert cfg.vocab_size == 281 and model.vocab[103] == '[MASK]'
     assert model.vocab == json.load(open(os.path.join(LM1B, 'words.json')))
     with torch.no_grad():
@@ -48,7 +49,7 @@ def test_special_tokens_and_vocabulary_survive_save_pretrained(lm1b, tmp_path):
     model, ref = lm1b
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / 'config.json').read_text())
-    assert (saved['mask_id'], saved['bos_id'], saved['eos_id'], saved['tokenizer']) == (103, 101, 102, 'wordpiece')
+    assert (saved['mask_id'], saved['bos_id'], saved['eos_id'], saved['tokenizer']) == (103, 101, 101, 'wordpiece')
     assert (tmp_path / 'vocab.txt').read_text().split('\n')[:-1] == model.vocab
     again = bd3lm.BD3LM.from_pretrained(tmp_path)
     assert again.config == model.config and again.vocab == model.vocab
@@ -69,7 +70,7 @@ def test_lightning_checkpoint_loads_without_transformers_or_omegaconf_and_runs_n
             "print(m.config.mask_id, m.config.bos_id, m.config.eos_id, 'transformers' in sys.modules and sys.modules['transformers'])")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ['103', '101', '102', 'None']
+    assert out.stdout.split() == ['103', '101', '101', 'None']
 
 
 @needs_lm1b
@@ -151,6 +152,13 @@ def test_dataset_defaults_follow_the_paper():
     owt, lm1b = prepare.HF_DATASETS['openwebtext'], prepare.HF_DATASETS['lm1b']
     assert owt[3:6] == ('last:100000', 'gpt2', 'plain')            # OWT: last 100K docs, no inserted BOS
     assert lm1b[3:6] == ('test', 'bert-base-uncased', 'wrapped')
+    # bd3lms' dataloader.py: validation_split = 'test' for text8, lm1b, ag_news, else 'validation'; LAMBADA
+    # and OWT are read whole (OpenAI's lambada_test.jsonl; OWT's last 100K documents)
+    bd3lms_split = {'lm1b': 'test', 'lm1b-gpt2': 'test', 'ag_news': 'test', 'wikitext103': 'validation',
+                    'wikitext2': 'validation', 'ptb': 'validation', 'scientific_papers_pubmed': 'validation',
+                    'scientific_papers_arxiv': 'validation', 'lambada': 'all', 'openwebtext': 'last:100000'}
+    assert {name: spec[3] for name, spec in prepare.HF_DATASETS.items()} == bd3lms_split
+    assert prepare.HF_DATASETS['lambada'][0] == 'https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl'
     assert prepare.detokenize('lm1b', 'He said , " hi " to me .') == 'He said, "hi" to me.'
 
 
@@ -160,7 +168,7 @@ def test_wordpiece_dataset_trains_a_model_with_the_vocabulary(docs, tmp_path):
     vocab.write_text(''.join(t + '\n' for t in json.load(open(os.path.join(LM1B, 'words.json')))))
     zdocs = [(f'd{i}', 'Zorblick fenfen, quarquar mipmip. Kreedrum yeltyelt! ' * (3 + i % 5)) for i in range(30)]
     meta = prepare.write(zdocs, str(tmp_path / 'z'), 0.2, 'test', tokenizer=str(vocab))
-    assert (meta['tokenizer'], meta['mask_id'], meta['bos_id'], meta['eos_id']) == ('wordpiece', 103, 101, 102)
+    assert (meta['tokenizer'], meta['mask_id'], meta['bos_id'], meta['eos_id']) == ('wordpiece', 103, 101, 101)
     fields = prepare.model_config_fields(prepare.read_meta(str(tmp_path / 'z')))
     assert fields['vocab_size'] == 281                             # [MASK] inside: nothing appended
     out = subprocess.run([sys.executable, 'train.py', f'--data_dir={tmp_path}', '--dataset=z', f'--out_dir={tmp_path / "o"}',
@@ -246,3 +254,29 @@ def test_lightning_checkpoints_of_other_objectives_are_refused(tmp_path, algo, n
     torch.save({'state_dict': sd, 'hyper_parameters': hp}, tmp_path / 'x.ckpt')
     with pytest.raises(ValueError, match='only BD3-LM / MDLM'):
         bd3lm.BD3LM.from_pretrained(tmp_path / 'x.ckpt')
+
+
+@needs_lm1b
+def test_lm1b_stream_and_frames_equal_what_bd3lms_builds_with_bert_tokenizer(tmp_path):
+    # bd3lms (dataloader.py) with BertTokenizer: bos/eos tokens set to [CLS]/[SEP], then
+    # BOS = tokenizer.encode(bos_token)[0], EOS = tokenizer.encode(eos_token)[0]; each sentence tokenized
+    # without special tokens plus [EOS]; the stream cut into (L - 2)-token pieces framed [BOS] piece [EOS].
+    transformers = pytest.importorskip('transformers')
+    words = json.load(open(os.path.join(LM1B, 'words.json')))
+    vocab = tmp_path / 'vocab.txt'
+    vocab.write_text(''.join(t + '\n' for t in words))
+    bert = transformers.BertTokenizer(str(vocab))
+    bert.bos_token, bert.eos_token = bert.cls_token, bert.sep_token
+    BOS, EOS = bert.encode(bert.bos_token)[0], bert.encode(bert.eos_token)[0]
+    assert (BOS, EOS) == (101, 101)                                      # not 102
+    sentences = SENTENCES * 3
+    stream = [i for s in sentences for i in bert(s, add_special_tokens=False)['input_ids'] + [EOS]]
+    L = 16
+    n = len(stream) // (L - 2) * (L - 2)
+    expected = [[BOS] + stream[i:i + L - 2] + [EOS] for i in range(0, n, L - 2)]
+    meta = prepare.write([(f's{i}', s, 'val') for i, s in enumerate(sentences)], str(tmp_path / 'lm1b'), 0.0, 'test',
+                         tokenizer=str(vocab), fmt='wrapped', eos_per_doc=True, splits=('val',))
+    assert (meta['bos_id'], meta['eos_id']) == (101, 101)
+    tokens = np.fromfile(tmp_path / 'lm1b' / 'val.bin', dtype=np.uint16)
+    assert tokens.tolist() == stream
+    assert prepare.chunks(tokens, L, prepare.read_meta(str(tmp_path / 'lm1b'))).tolist() == expected

@@ -116,18 +116,21 @@ def slow_gen_ppl(texts, folder, tok, context=24, stride=8):
     protocol assigns to it (windows start every `stride` tokens; the first one reaching the token)."""
     import transformers
     judge = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
-    total, count = 0.0, 0
+    total, count, per_sample = 0.0, 0, []
     for text in texts:
         ids = [tok.bos_token_id] + tok.encode(text)
+        sample_total, sample_count = 0.0, 0
         for i in range(1, len(ids)):
             if ids[i] == tok.eos_token_id:
                 continue
             begin = next(k * stride for k in range(len(ids)) if k * stride + context > i)
             with torch.no_grad():
                 logits = judge(torch.tensor([ids[begin:i]])).logits[0, -1]
-            total -= logits.double().log_softmax(-1)[ids[i]].item()
-            count += 1
-    return math.exp(total / count), count
+            sample_total -= logits.double().log_softmax(-1)[ids[i]].item()
+            sample_count += 1
+        total, count = total + sample_total, count + sample_count
+        per_sample.append(math.exp(sample_total / sample_count))
+    return math.exp(total / count), count, sum(per_sample) / len(per_sample)
 
 
 def test_sample_py_gen_ppl_equals_a_slow_per_token_loop(judge, tmp_path):
@@ -139,8 +142,86 @@ def test_sample_py_gen_ppl_equals_a_slow_per_token_loop(judge, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads((tmp_path / 'g.json').read_text())
     assert len(result['samples']) == 3 and result['nfe'] == 40          # first-hitting: one call per token
-    expected, count = slow_gen_ppl(result['samples'], folder, tok)
+    expected, count, mean = slow_gen_ppl(result['samples'], folder, tok)
     assert result['gen_ppl_tokens'] == count > 3 * 24                  # long enough to slide
-    assert result['gen_ppl'] == pytest.approx(expected, rel=1e-4)
-    assert 0 < result['entropy'] <= math.log(40)
+    assert result['gen_ppl'] == pytest.approx(expected, rel=1e-4)      # token-weighted
+    assert result['gen_ppl_mean'] == pytest.approx(mean, rel=1e-4)     # mean of per-sample perplexities (Table 3)
+    assert result['gen_ppl_mean'] != pytest.approx(result['gen_ppl'], rel=1e-6)
+    # entropy as bd3lms measures it: per sample over the judge's ids (its BOS first), then averaged
+    entropies = [bd3lm._unigram_entropy(torch.tensor([tok.bos_token_id] + tok.encode(s))) for s in result['samples']]
+    assert result['entropy'] == pytest.approx(sum(entropies) / 3, rel=1e-9)
     assert result['settings']['gen_ppl_model'] == folder and result['settings']['top_p'] == 0.9
+
+
+def test_generated_eos_stays_in_the_judge_s_text_as_context():
+    enc = bd3lm.get_tokenizer()
+    prompt, row = [50256] + enc.encode('Once'), enc.encode(' upon') + [50256] + enc.encode(' a time')
+    assert enc.completion(prompt, row) == ' upon a time'
+    assert enc.completion(prompt, row, keep_special=True) == ' upon<|endoftext|> a time'
+
+
+def run_sample_py(monkeypatch, capsys, args, fake_generate):
+    """sample.py run in this process (runpy) with BD3LM.generate replaced: tests its glue, not the sampler."""
+    import runpy
+    monkeypatch.setattr(bd3lm.BD3LM, 'generate', fake_generate)
+    monkeypatch.setattr(sys, 'argv', ['sample.py', *args])
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+    return capsys.readouterr()
+
+
+def test_retry_degenerate_redraws_a_repeated_sample_and_keeps_a_fresh_one(tmp_path, monkeypatch, capsys):
+    random_model(vocab_size=50258, block_size=4, model_length=32, hidden_dim=32, n_heads=2).save_pretrained(tmp_path / 'm')
+    calls = []
+
+    def fake_generate(self, idx, n, **kwargs):
+        # call 1: sample 0 repeats one token (entropy 0 over any 256), sample 1 is varied; call 2 redraws
+        # sample 0 only, varied this time
+        calls.append(idx.shape[0])
+        g = torch.Generator().manual_seed(len(calls))
+        x = torch.cat([idx, torch.randint(0, 50000, (idx.shape[0], n), generator=g)], dim=1)
+        if len(calls) == 1:
+            x[0, 1:] = 17
+        stats = {'nfe': n, 'row_nfe': torch.full((idx.shape[0],), n), 'lengths': torch.full((idx.shape[0],), x.shape[1])}
+        return x, stats
+    run_sample_py(monkeypatch, capsys, [f'--init_from={tmp_path / "m"}', '--num_samples=2', '--max_new_tokens=300',
+                                        '--retry_degenerate=True', f'--out_file={tmp_path / "g.json"}'], fake_generate)
+    result = json.loads((tmp_path / 'g.json').read_text())
+    assert calls == [2, 1] and result['redrawn'] == 1
+    assert len(set(bd3lm.get_tokenizer().encode(result['samples'][0]))) > 100      # the fresh draw was kept
+    assert result['nfe'] == 600 and result['nfe_per_sample'] == [600, 300]
+
+    calls.clear()
+    def always_degenerate(self, idx, n, **kwargs):
+        x = torch.cat([idx, torch.full((idx.shape[0], n), 17)], dim=1)
+        calls.append(idx.shape[0])
+        return x, {'nfe': n, 'row_nfe': torch.full((idx.shape[0],), n), 'lengths': torch.full((idx.shape[0],), x.shape[1])}
+    err = run_sample_py(monkeypatch, capsys, [f'--init_from={tmp_path / "m"}', '--num_samples=1', '--max_new_tokens=300',
+                                              '--retry_degenerate=True', f'--out_file={tmp_path / "h.json"}'],
+                        always_degenerate).err
+    assert calls == [1] * 11 and '1 sample(s) still degenerate after 10 tries' in err
+    assert json.loads((tmp_path / 'h.json').read_text())['redrawn'] == 10
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--threshold=1.5'], 'threshold must be in'), (['--entropy_bound=-1.0'], 'entropy_bound must be'),
+    (['--tokens_per_call=0'], 'tokens_per_call must be'), (['--threshold=0.9', '--steps=2'], 'choose one unmasking rule'),
+    (['--order=sideways', '--threshold=0.5'], 'order must be one of'), (['--nucleus=top'], 'nucleus must be one of'),
+    (['--retry_degenerate=1'], 'retry_degenerate')])
+def test_sample_py_rule_flags_are_checked_before_loading(flags, message):
+    out = subprocess.run([sys.executable, 'sample.py', '--init_from=does-not-exist', *flags], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and message in out.stderr and 'Traceback' not in out.stderr
+    assert 'init_from' not in out.stderr.splitlines()[-1]              # refused before the model was looked for
+
+
+def test_sample_py_runs_each_rule_and_reports_tokens_per_call(tmp_path):
+    random_model(vocab_size=50258, block_size=4, model_length=32, hidden_dim=32, n_heads=2).save_pretrained(tmp_path / 'm')
+    for flags in (['--threshold=0.0'], ['--entropy_bound=1000.0', '--order=uniform'], ['--tokens_per_call=2']):
+        out = subprocess.run([sys.executable, 'sample.py', f'--init_from={tmp_path / "m"}', '--max_new_tokens=31',
+                              f'--out_file={tmp_path / "s.json"}', *flags], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads((tmp_path / 's.json').read_text())
+        expected = 2.0 if flags == ['--tokens_per_call=2'] else 31 / 8          # 8 blocks, one call each
+        assert result['tokens_per_call'][0] == pytest.approx(expected, rel=0.1) and 'tokens per call' in out.stderr

@@ -121,6 +121,25 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert torch.equal(bd3lm._nucleus(probs, 1.0), probs)
 
 
+def test_bd3lms_nucleus_drops_the_token_that_crosses_top_p():
+    # bd3lms' _nucleus_sample: sorted, keep while cumsum <= p, the first always kept, renormalised.
+    def bd3lms(p_x0, p):
+        sorted_probs, idx = p_x0.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) <= p
+        keep[..., 0] = True
+        out = torch.zeros_like(p_x0).scatter(-1, idx, sorted_probs * keep)
+        return out / out.sum(-1, keepdim=True)
+    cases = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.95, 0.03, 0.01, 0.01],
+                          [0.25, 0.25, 0.25, 0.25], [0.4, 0.4, 0.1, 0.1]], dtype=torch.float64)
+    for p in (0.5, 0.8, 0.9, 0.95):                   # 0.9 with [0.95, ...]: the top token alone crosses p
+        torch.testing.assert_close(bd3lm._nucleus(cases, p, 'bd3lms'), bd3lms(cases, p), rtol=0, atol=1e-12)
+    # the two rules differ exactly on the crossing token: 0.5 + 0.3 crosses 0.6
+    assert bd3lm._nucleus(cases[:1], 0.6, 'bd3lms').tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert bd3lm._nucleus(cases[:1], 0.6)[0, 1] > 0
+    with pytest.raises(ValueError, match='nucleus must be one of'):
+        random_model().generate(torch.tensor([[1]]), 4, nucleus='top')
+
+
 def test_tiny_top_p_is_greedy():
     # With one-token blocks greedy decoding is fully determined: any seed gives the argmax chain.
     model = random_model(block_size=1, model_length=16)
@@ -160,14 +179,16 @@ def test_stop_on_low_entropy_drops_the_degenerate_window_as_bd3lms():
     prompt = torch.arange(10, 310)[None]                      # 300 distinct tokens: entropy ln 256 per window
     full = model.generate(prompt, 400)                        # the model only says 5
     # Slow rule: the first block end whose last 256 tokens have entropy < 4; bd3lms drops those 256.
-    end = next(e for e in range(304, 701, 16) if bd3lm._unigram_entropy(full[0, e - 256:e]) < 4)
+    end = next(e for e in range(304, 701, 16) if e > 256 and bd3lm._unigram_entropy(full[0, e - 256:e]) < 4)
     # With a constant output the window still reaches into the prompt when the rule fires, so the cut
     # stops at the prompt (it is never cut): every generated token of that window is dropped.
     out, stats = model.generate(prompt, 400, stop_entropy=4.0, return_stats=True)
     assert end == 400 and stats['lengths'].item() == max(300, end - 256) == 300
     assert torch.equal(out[0, :300], prompt[0]) and (out[0, 300:] == model.config.eos_id).all()
     _, stats = model.generate(torch.tensor([[1]]), 400, stop_entropy=4.0, return_stats=True)
-    assert stats['lengths'].item() == 1 and stats['nfe'] == 255
+    # bd3lms checks once more than 256 tokens exist: not at 256 (where the old rule cut to the bare prompt)
+    # but at 272, dropping the last 256 and keeping 16
+    assert stats['lengths'].item() == 16 and stats['nfe'] == 271
 
 
 def test_generate_rejects_bad_arguments():
@@ -322,3 +343,15 @@ def test_bad_rule_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
         model.generate(torch.tensor([[1, 2]]), 4, **kwargs)
     assert '\n' not in str(e.value)
+
+
+def test_low_entropy_in_the_same_block_as_an_eos_cuts_as_bd3lms():
+    # bd3lms' _check_stop_conds sets the EOS cut, then the entropy cut overrides it.
+    eos = 5
+    model = _biased_model(eos, block_size=16, model_length=32, vocab_size=400, eos_id=eos)
+    idx = torch.arange(10, 300)[None]                         # 290 distinct tokens, then only EOS is generated
+    out, stats = model.generate(idx, 100, stop_at_eos=True, stop_entropy=4.0, return_stats=True)
+    # first block end past the prompt: 304; window 48..304 holds 242 distinct + 14 EOS: entropy > 4, so EOS cuts
+    assert stats['lengths'].item() == 291
+    out, stats = model.generate(idx[:, :40], 300, stop_at_eos=True, stop_entropy=6.0, return_stats=True)
+    assert stats['lengths'].item() == 41                      # short: only the EOS rule can fire

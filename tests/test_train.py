@@ -149,3 +149,17 @@ def test_clip_search_on_a_real_model_returns_a_candidate():
     best, variances = bd3lm.search_clip_interval(model, batches, widths=(0.5,), delta=0.25)
     assert best in variances and variances[best] == min(variances.values())
     assert set(variances) == {(1e-3, 1.0), (1e-3, 0.5), (0.25, 0.75), (0.5, 1.0)}
+
+
+def test_block_size_one_trains_at_t_one_after_the_first_evaluation(data_dir, tmp_path):
+    # bd3lms searches {[1e-3, 1], (1, 1)} for block size 1: at t = 1 every token is masked with weight 1,
+    # the exact AR loss with no noise variance, so an AR-like model trains as an AR model.
+    model = random_model(block_size=1, model_length=16)
+    batches = [torch.randint(0, 35, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    best, variances = bd3lm.search_clip_interval(model, batches)
+    assert set(variances) == {bd3lm.FULL_INTERVAL, (1.0, 1.0)} and best == (1.0, 1.0)
+    proc = run_train(f'--data_dir={data_dir}', '--dataset=tiny', f'--out_dir={tmp_path}', *TINY, '--block_size=1',
+                     '--max_iters=4', '--eval_interval=2')
+    assert 'iter 0: val NELBO' in proc.stdout and 'clipped schedule' not in proc.stdout.split('iter 2:')[0]
+    assert 'clipped schedule [1.000, 1.000]' in proc.stdout          # from the first search (iteration 2) on
+    assert bd3lm.BD3LM.from_pretrained(tmp_path).clipped_interval() == (1.0, 1.0)
