@@ -117,18 +117,27 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
         self.n_slots = window // block_size
-        self.n_committed = [0] * batch_size  # finished blocks written so far, per row (host-side ints)
+        self.n_committed = torch.zeros(batch_size, dtype=torch.long)  # finished blocks written, per row (on the host)
 
     def commit(self, rows=None):
-        """The block just passed through the model (clean) is now part of the prefix of `rows` (default all)."""
-        for r in range(len(self.n_committed)) if rows is None else rows:
-            self.n_committed[r] += 1
+        """The block just passed through the model (clean) is now part of the prefix of `rows` (a (B,) bool;
+        default: every row)."""
+        self.n_committed[slice(None) if rows is None else rows.cpu()] += 1
+
+    def rows(self, start, stop):
+        """The cache of rows start..stop-1, sharing this one's storage and counts (a server's batch is the
+        first rows of a cache allocated once; a joining request prefills its own row)."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.n_committed = self.n_committed[start:stop]
+        return view
 
     def update(self, layer, k, v):
         """Write this block's keys and values (B, H, bs, head_dim) into each row's slot; return the keys and
         values to attend to and a (B, 1, 1, n) mask, or None when every row has the same valid slots."""
         if layer == 0:  # where each row writes, computed once per pass
-            bs, counts = self.block_size, self.n_committed
+            bs, counts = self.block_size, self.n_committed.tolist()
             starts = [(n % self.n_slots) * bs for n in counts]
             valid = [min(n + 1, self.n_slots) * bs for n in counts]
             index = None if len(set(starts)) == 1 else (
@@ -799,8 +808,9 @@ def _nucleus(probs, top_p, rule='standard'):
     keep_sorted = (mass - sorted_p) < total if rule == 'standard' else mass <= total
     keep_sorted[..., 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    probs = probs * keep
-    return probs / probs.sum(-1, keepdim=True)
+    cut = probs * keep
+    # rows with top_p = 1 keep their exact probabilities, whatever their batch mates ask for
+    return torch.where(torch.as_tensor(top_p, device=probs.device) >= 1, probs, cut / cut.sum(-1, keepdim=True))
 
 
 def _uniform(shape, generator, device, dtype=torch.float32, rows=None):

@@ -6,11 +6,22 @@ Face page works against this project:
     curl -X POST http://localhost:30000/v1/completions -H "Content-Type: application/json" \
       --data '{"model": "kuleshov-group/bd3lm-owt-block_size4", "prompt": "Once upon a time,", "max_tokens": 512, "temperature": 0.5}'
 
-Endpoints: POST /v1/completions, GET /v1/models, GET /health. Requests that arrive together are batched
-into one `generate` call (every row has its own seed, length, temperature and top_p, and stops on its
-own), so concurrent clients share the model's passes. Python's standard library serves HTTP: no web
-framework is needed for three endpoints. BD3-LM's own knobs come as extra fields: `steps` (None =
-first-hitting, K = K denoising steps per block) and `kv_cache`.
+Endpoints: POST /v1/completions, GET /v1/models, GET /health. Python's standard library serves HTTP: no web
+framework is needed for three endpoints. BD3-LM's own knobs come as extra fields: `steps`, `threshold`,
+`entropy_bound`, `tokens_per_call`, `order` (the unmasking rule, as in generate) and `kv_cache`.
+
+How a request flows (continuous batching at block boundaries):
+  1. The HTTP thread parses and checks it, makes one Row per completion (prompt x n) and queues them
+     (HTTP 503 at once past --max_pending waiting requests).
+  2. The engine thread owns the model. Between model calls it admits waiting rows into a Lane, the running
+     batch of rows that share an unmasking rule (rows with other rules run in their own lane, in turn):
+     a row's prompt blocks are written into its own slot of the lane's KV cache, and it starts its first
+     block, wherever the other rows are in theirs. Rows keep their own positions, cache counts, seeds,
+     temperature, top_p and rule knob, so a row's tokens are what it would get alone.
+  3. Each engine step is one model call for a lane: rows mid-block are denoised (bd3lm.denoise_step),
+     rows whose block just finished write it into the cache in the same call.
+  4. A finished block's tokens go to the client at once (one SSE chunk per block). A row that is done
+     (EOS, max_tokens, a stop string, a client gone) leaves the lane at once and costs nothing more.
 """
 import json
 import os
@@ -32,11 +43,13 @@ host = '127.0.0.1'
 port = 30000
 device = 'auto'
 dtype = 'float32'           # 'float32', 'bfloat16', 'float16'
-max_batch = 16              # rows per generate call
-batch_wait_ms = 20          # how long the batcher waits for more requests to join a batch
+max_batch = 16              # rows (completions) running at once, all lanes together; also the most a request may ask
+batch_wait_ms = 20          # an idle engine waits this long for a burst of requests to start together
 max_pending = 64            # requests waiting beyond this get HTTP 503 at once
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
 max_prompt_tokens = 4096
+max_body_bytes = 1_000_000  # a larger request body is refused (413) without being read
+read_timeout_s = 30.0       # a client that sends nothing for this long gets HTTP 408
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -53,6 +66,8 @@ FIELDS = {'model': ((str,), None), 'prompt': ((str, list), None), 'max_tokens': 
           'temperature': ((int, float), 1.0), 'top_p': ((int, float), 1.0), 'n': ((int,), 1),
           'seed': ((int, type(None)), None), 'stop': ((str, list, type(None)), None), 'stream': ((bool,), False),
           'steps': ((int, type(None)), None), 'kv_cache': ((bool,), True), 'user': ((str,), None),
+          'threshold': ((int, float, list, type(None)), None), 'entropy_bound': ((int, float, type(None)), None),
+          'tokens_per_call': ((int, type(None)), None), 'order': ((str, type(None)), None),
           'stream_options': ((dict, type(None)), None), 'echo': ((bool,), False), 'logprobs': ((int, type(None)), None),
           'best_of': ((int, type(None)), None), 'presence_penalty': ((int, float), 0), 'frequency_penalty': ((int, float), 0),
           'logit_bias': ((dict, type(None)), None), 'suffix': ((str, type(None)), None)}
@@ -86,8 +101,13 @@ def parse_request(body, tokenizer, config):
         raise RequestError(f'top_p must be in (0, 1], got {r["top_p"]}', 'top_p')
     if not 1 <= r['n'] <= max_batch:
         raise RequestError(f'n must be in [1, {max_batch}], got {r["n"]}', 'n')
-    if r['steps'] is not None and r['steps'] < 1:
-        raise RequestError(f'steps must be null (first-hitting) or a positive integer, got {r["steps"]}', 'steps')
+    if isinstance(r['threshold'], list):
+        raise RequestError('threshold: expected a number', 'threshold')
+    rule = {k: r[k] for k in ('steps', 'threshold', 'entropy_bound', 'tokens_per_call', 'order')}
+    try:  # the unmasking rule, checked by the sampler itself
+        bd3lm.Sampling(1, 'cpu', **rule)
+    except ValueError as e:
+        raise RequestError(str(e), next((k for k in rule if str(e).startswith(k)), 'steps'))
     stops = [r['stop']] if isinstance(r['stop'], str) else (r['stop'] or [])
     if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise RequestError('stop must be a non-empty string or a list of at most 4 of them', 'stop')
@@ -122,16 +142,34 @@ def parse_request(body, tokenizer, config):
 
 
 class Row:
-    """One completion being generated: a prompt, its settings, and where its text goes."""
+    """One completion being generated: its prompt and settings, where it stands, and where its text goes."""
 
     def __init__(self, request, prompt, index, seed, sink):
-        self.request, self.prompt, self.index, self.sink = request, prompt, index, sink
-        self.seed = seed
+        self.request, self.prompt, self.index, self.seed, self.sink = request, prompt, index, seed, sink
         self.stream = tokenizer.stream(prompt)
         self.text, self.sent, self.finished, self.finish_reason, self.n_tokens = '', '', False, None, 0
+        self.cancelled = False       # set by the HTTP thread when a streaming client goes away
+        self.tokens = []             # generated so far (up to, not including, an EOS)
+        self.end = len(prompt) + request['max_tokens']
+        self.lo = len(prompt) // model.config.block_size * model.config.block_size   # its current block
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def key(self):  # rows batch together when these agree
-        return len(self.prompt), self.request['steps'], self.request['kv_cache']
+    def lane_key(self):  # rows share a model call when their rule is the same kind (knobs may differ)
+        r = self.request
+        kind = next((k for k in ('steps', 'threshold', 'entropy_bound', 'tokens_per_call') if r[k] is not None), None)
+        return kind, r['steps'], r['order'], r['kv_cache']
+
+    def block_done(self, block):
+        """The current block's tokens are final: send the new ones on; returns True when the row is done."""
+        bs = model.config.block_size
+        new = block[max(len(self.prompt) - self.lo, 0):min(self.end - self.lo, bs)].tolist()
+        eos = tokenizer.eos_id in new
+        new = new[:new.index(tokenizer.eos_id)] if eos else new
+        self.tokens += new
+        self.n_tokens += len(new)
+        final = eos or self.lo + bs >= self.end
+        self.emit(self.stream.feed(new, final=final), final=final, eos=eos)
+        return self.finished
 
     def emit(self, piece, final=False, eos=False):
         """Add text, cut at the first stop string; send what is certain to the client."""
@@ -155,65 +193,167 @@ class Row:
             self.sink.put(('done', self.index, self.finish_reason, self.n_tokens))
 
 
-class Batcher:
-    """One worker thread: takes waiting rows, groups those that can share a batch, runs generate."""
+class Lane:
+    """The running batch of rows that share an unmasking rule, so one model call serves them all. Row i sits
+    in slot i of the lane's KV cache (allocated once, max_batch rows); per-row tensors hold its current block
+    (xb), the sampler's BlockState and its Sampling knobs, and are rebuilt when rows join or leave."""
+
+    def __init__(self, key):
+        cfg = model.config
+        self.key, self.rows = key, []
+        self.cache = bd3lm.KVCache(cfg.n_blocks, max_batch, cfg.n_heads, cfg.model_length, cfg.hidden_dim // cfg.n_heads,
+                                   cfg.block_size, device, model.vocab_embed.embedding.dtype)
+        self.xb = torch.zeros(0, cfg.block_size, dtype=torch.long, device=device)
+        self.state = bd3lm.BlockState(torch.zeros(0, cfg.block_size, dtype=torch.bool, device=device))
+
+    def regroup(self, keep, joining):
+        """Rows at indices `keep` (ascending) stay, moving down into freed cache slots; `joining` rows are
+        prefilled into the next slots and start their first block."""
+        cfg, bs = model.config, model.config.block_size
+        for new, old in enumerate(keep):
+            if new != old:
+                self.cache.k[:, new], self.cache.v[:, new] = self.cache.k[:, old], self.cache.v[:, old]
+                self.cache.n_committed[new] = self.cache.n_committed[old]
+        idx = torch.tensor(keep, dtype=torch.long, device=device)
+        blocks, active = [self.xb[idx]], [self.state.active[idx]]
+        for j, row in enumerate(joining):
+            slot = len(keep) + j
+            cache = self.cache.rows(slot, slot + 1)
+            cache.n_committed.zero_()
+            prompt = torch.tensor([row.prompt], device=device)
+            for lo in range(0, row.lo, bs):            # the prompt's complete blocks enter the cache
+                model._hidden(prompt[:, lo:lo + bs], clean_sigma(1), torch.arange(lo, lo + bs, device=device), cache)
+                cache.commit()
+            block = torch.full((1, bs), cfg.mask_id, dtype=torch.long, device=device)
+            block[0, :len(row.prompt) - row.lo] = prompt[0, row.lo:]
+            pos = torch.arange(row.lo, row.lo + bs, device=device)
+            blocks.append(block)
+            active.append((block == cfg.mask_id) & (pos < row.end))
+        old, n_new = self.state, len(joining)
+        self.rows = [self.rows[i] for i in keep] + list(joining)
+        self.xb = torch.cat(blocks)
+        self.state = bd3lm.BlockState(torch.cat(active))
+        fresh = lambda t, value: torch.full((n_new,) + t.shape[1:], value, dtype=t.dtype, device=device)
+        for name, value in (('t', 1.0), ('step', 0), ('stale', True)):
+            setattr(self.state, name, torch.cat([getattr(old, name)[idx], fresh(getattr(old, name), value)]))
+        if old.probs is not None:
+            self.state.probs = torch.cat([old.probs[idx], fresh(old.probs, 0.0)])
+        r = [row.request for row in self.rows]
+        kind = self.key[0]
+        self.sampling = bd3lm.Sampling(
+            len(self.rows), device, steps=self.key[1], order=self.key[2],
+            **({kind: [x[kind] for x in r]} if kind in ('threshold', 'entropy_bound', 'tokens_per_call') else {}),
+            temperature=[float(x['temperature']) for x in r], top_p=[float(x['top_p']) for x in r])
+        self.generators = [row.generator for row in self.rows]
+
+    def step(self):
+        """One model call: rows mid-block are denoised; rows whose block finished write it into the cache."""
+        n, bs = len(self.rows), model.config.block_size
+        committing = ~self.state.active.any(-1)
+        positions = torch.tensor([row.lo for row in self.rows], device=device)[:, None] + torch.arange(bs, device=device)
+        cache, ran = self.cache.rows(0, n), []
+
+        def hidden(t):
+            ran.append(True)
+            t = torch.where(committing, bd3lm.EPS, t.float())
+            sigma = bd3lm.sigma_from_move_chance(t) if model.config.time_conditioning else None
+            return model._hidden(self.xb, sigma, positions, cache)
+        before = self.state.active.any(-1)
+        if not committing.all():
+            bd3lm.denoise_step(model, self.xb, self.state, self.sampling, hidden, self.generators,
+                               torch.zeros(n, dtype=torch.long, device=device))
+        if committing.any() and not ran:     # steps=K may reuse its last output: the cache write still runs
+            hidden(torch.zeros(n, device=device))
+        cache.commit(committing)
+        keep = []
+        for i, row in enumerate(self.rows):
+            if committing[i]:                   # its block is in the cache: start the next one
+                row.lo += bs
+                pos = torch.arange(row.lo, row.lo + bs, device=device)
+                self.xb[i] = model.config.mask_id
+                self.state.active[i] = pos < row.end
+                self.state.t[i], self.state.step[i], self.state.stale[i] = 1.0, 0, True
+            elif before[i] and not self.state.active[i].any() and row.block_done(self.xb[i]):
+                continue                        # done: EOS, max_tokens or a stop string
+            if not row.cancelled:
+                keep.append(i)
+        if len(keep) < n:
+            self.regroup(keep, [])
+
+
+def clean_sigma(n):  # a clean block's noise level, for time-conditioned models (as generate's cache writes)
+    return bd3lm.sigma_from_move_chance(torch.full((n,), bd3lm.EPS, device=device)) \
+        if model.config.time_conditioning else None
+
+
+class Engine:
+    """The one thread that runs the model: admits waiting rows at block boundaries, steps every lane one
+    model call at a time, and retires finished rows (see the module docstring)."""
 
     def __init__(self):
-        self.pending = []
-        self.lock = threading.Condition()
+        self.waiting, self.lanes, self.calls = [], {}, 0
+        self.cv = threading.Condition()
         threading.Thread(target=self.run, daemon=True).start()
 
     def submit(self, rows):
-        with self.lock:
-            if len({id(r.request) for r in self.pending}) >= max_pending:
+        with self.cv:
+            if len({id(r.request) for r in self.waiting}) >= max_pending:
                 raise RequestError(f'the server is busy ({max_pending} requests waiting); try again shortly',
                                    status=503, kind='server_busy')
-            self.pending.extend(rows)
-            self.lock.notify()
+            self.waiting.extend(rows)
+            self.cv.notify()
+
+    def running(self):
+        return sum(len(lane.rows) for lane in self.lanes.values())
 
     def run(self):
         while True:
-            with self.lock:
-                while not self.pending:
-                    self.lock.wait()
-            time.sleep(batch_wait_ms / 1000)  # let concurrent requests join
-            with self.lock:
-                key = self.pending[0].key()
-                batch = [r for r in self.pending if r.key() == key][:max_batch]
-                self.pending = [r for r in self.pending if r not in batch]
-            try:
-                self.generate(batch)
-            except Exception as e:  # never leave a client waiting, never kill the worker
-                for row in batch:
-                    row.sink.put(('error', str(e)))
+            with self.cv:
+                idle = not self.running()
+                while not self.waiting and not self.running():
+                    self.cv.wait()
+            if idle:
+                time.sleep(batch_wait_ms / 1000)      # let a burst of requests start together
+            with self.cv:
+                free = max_batch - self.running()
+                joining = [r for r in self.waiting if not r.cancelled][:max(free, 0)]
+                self.waiting = [r for r in self.waiting if r not in joining and not r.cancelled]
+            for row in [r for r in joining if not r.request['kv_cache']]:
+                self.guard([row], lambda: self.reference(row))
+            groups = {}
+            for row in (r for r in joining if r.request['kv_cache']):
+                groups.setdefault(row.lane_key(), []).append(row)
+            for key, rows in groups.items():
+                lane = self.lanes.setdefault(key, Lane(key))
+                self.guard(rows + lane.rows, lambda: lane.regroup(list(range(len(lane.rows))), rows))
+            for key, lane in list(self.lanes.items()):
+                if lane.rows:
+                    self.guard(lane.rows, lane.step)
+                    self.calls += 1
 
-    @torch.no_grad()
-    def generate(self, rows):
-        idx = torch.tensor([r.prompt for r in rows], device=device)
-        P = idx.shape[1]
-        gens = [torch.Generator(device=device).manual_seed(r.seed) for r in rows]
-        sent = [P] * len(rows)
+    def guard(self, rows, work):
+        try:
+            work()
+        except Exception as e:  # never leave a client waiting, never kill the engine
+            for row in rows:
+                row.sink.put(('error', f'{type(e).__name__}: {e}'))
+            for key, lane in list(self.lanes.items()):
+                if set(map(id, lane.rows)) & set(map(id, rows)):
+                    del self.lanes[key]               # a fresh lane next time
 
-        def on_block(x, end):  # after every block: each row's new tokens, up to its EOS or max_tokens
-            for i, row in enumerate(rows):
-                if row.finished:
-                    continue
-                stop_at = min(end, P + row.request['max_tokens'])
-                new = x[i, sent[i]:stop_at].tolist()
-                eos = tokenizer.eos_id in new
-                new = new[:new.index(tokenizer.eos_id)] if eos else new
-                sent[i] = stop_at
-                row.n_tokens += len(new)
-                final = eos or stop_at == P + row.request['max_tokens']
-                row.emit(row.stream.feed(new, final=final), final=final, eos=eos)
+    def reference(self, row):
+        """kv_cache=false: the uncached reference path, one generate call for this row alone."""
+        r, P = row.request, len(row.prompt)
 
-        req = rows[0].request
-        model.generate(idx, [r.request['max_tokens'] for r in rows], steps=req['steps'], kv_cache=req['kv_cache'],
-                       top_p=[float(r.request['top_p']) for r in rows],
-                       temperature=[float(r.request['temperature']) for r in rows],
-                       generator=gens, stop_at_eos=True, on_block=on_block)
-        for row in rows:  # rows cut short by the batch's end are final now
-            row.emit(row.stream.feed([], final=True), final=True)
+        def on_block(x, end):
+            block = x[0, row.lo:row.lo + model.config.block_size]
+            row.block_done(torch.cat([block, block.new_full((model.config.block_size - len(block),), 0)]))
+            row.lo += model.config.block_size
+        model.generate(torch.tensor([row.prompt], device=device), r['max_tokens'], kv_cache=False,
+                       generator=[row.generator], temperature=float(r['temperature']), top_p=float(r['top_p']),
+                       stop_at_eos=True, on_block=on_block, steps=r['steps'], threshold=r['threshold'],
+                       entropy_bound=r['entropy_bound'], tokens_per_call=r['tokens_per_call'], order=r['order'])
+        row.emit(row.stream.feed([], final=True), final=True)
 
 
 def completion_id():
@@ -222,6 +362,21 @@ def completion_id():
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
+
+    def setup(self):
+        self.timeout = read_timeout_s         # the socket's timeout: a silent client cannot hold a thread forever
+        super().setup()
+
+    def handle_one_request(self):
+        self.raw_requestline = None
+        super().handle_one_request()
+        if self.raw_requestline is None:      # timed out before sending a request line: say so, then close
+            self.request_version, self.requestline, self.close_connection = 'HTTP/1.1', '', True
+            try:
+                self.send_error_json(RequestError(f'no request within {read_timeout_s:g} s', status=408,
+                                                  kind='timeout'))
+            except OSError:
+                pass
 
     def log_message(self, fmt, *args):  # one short line per request on stderr
         sys.stderr.write(f'{self.address_string()} {fmt % args}\n')
@@ -239,7 +394,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path in ('/health', '/v1/health'):
-            return self.send_json(200, {'status': 'ok'})
+            return self.send_json(200, {'status': 'ok', 'running': engine.running(), 'waiting': len(engine.waiting),
+                                        'model_calls': engine.calls})
         if self.path == '/v1/models':
             return self.send_json(200, {'object': 'list', 'data': [
                 {'id': model_name, 'object': 'model', 'created': started, 'owned_by': 'bd3lm'}]})
@@ -249,9 +405,25 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != '/v1/completions':
             return self.send_error_json(RequestError(f'no route POST {self.path}', status=404, kind='not_found'))
         try:
-            length = int(self.headers.get('Content-Length') or 0)
             try:
-                body = json.loads(self.rfile.read(length) or b'null')
+                length = int(self.headers.get('Content-Length') or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= max_body_bytes:   # refused unread: a huge Content-Length never reaches memory
+                self.close_connection = True
+                raise RequestError(f'the request body must be 0 to {max_body_bytes:,} bytes (Content-Length: '
+                                   f'{self.headers.get("Content-Length")})', status=413, kind='request_too_large')
+            try:
+                raw = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True
+                raise RequestError(f'the request body did not arrive within {read_timeout_s:g} s', status=408,
+                                   kind='timeout')
+            if len(raw) < length:
+                self.close_connection = True
+                raise RequestError(f'the body ended after {len(raw)} of {length} bytes')
+            try:
+                body = json.loads(raw or b'null')
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(f'the body is not valid JSON ({e})')
             r = parse_request(body, tokenizer, model.config)
@@ -262,7 +434,7 @@ class Handler(BaseHTTPRequestHandler):
                     seed = (r['seed'] if r['seed'] is not None else int.from_bytes(uuid.uuid4().bytes[:4], 'big')) + j
                     rows.append(Row(r, prompt, index, seed, sink))
                     index += 1
-            batcher.submit(rows)
+            engine.submit(rows)
         except RequestError as e:
             return self.send_error_json(e)
         cid, created = completion_id(), int(time.time())
@@ -287,15 +459,17 @@ class Handler(BaseHTTPRequestHandler):
             kind, i = item[0], item[1]
             if kind == 'text':
                 texts[i] += item[2]
-                if r['stream'] and not self.write_event(chunk([{'text': item[2], 'index': i, 'logprobs': None,
-                                                                'finish_reason': None}])):
-                    return  # the client went away; its rows finish unseen
+                sent = not r['stream'] or self.write_event(chunk([{'text': item[2], 'index': i, 'logprobs': None,
+                                                                   'finish_reason': None}]))
             else:
                 reasons[i], tokens[i] = item[2], item[3]
                 pending -= 1
-                if r['stream'] and not self.write_event(chunk([{'text': '', 'index': i, 'logprobs': None,
-                                                                'finish_reason': reasons[i]}])):
-                    return
+                sent = not r['stream'] or self.write_event(chunk([{'text': '', 'index': i, 'logprobs': None,
+                                                                   'finish_reason': reasons[i]}]))
+            if not sent:  # the client went away: its rows leave the engine at its next step
+                for row in rows:
+                    row.cancelled = True
+                return
         prompt_tokens = sum(len(p) for p in r['prompts']) * r['n']
         usage = {'prompt_tokens': prompt_tokens, 'completion_tokens': sum(tokens),
                  'total_tokens': prompt_tokens + sum(tokens)}
@@ -312,7 +486,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f'data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n'.encode())
             self.wfile.flush()
             return True
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # broken pipe, reset, timed out: the client is gone
             return False
 
 
@@ -321,9 +495,11 @@ if __name__ == '__main__':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise SystemExit(f"--dtype={dtype!r}: choose 'float32', 'bfloat16' or 'float16'")
-    for _name in ('port', 'max_batch', 'max_pending', 'max_tokens_limit', 'max_prompt_tokens'):
+    for _name in ('port', 'max_batch', 'max_pending', 'max_tokens_limit', 'max_prompt_tokens', 'max_body_bytes'):
         if not isinstance(globals()[_name], int) or globals()[_name] <= 0:
             raise SystemExit(f'--{_name}={globals()[_name]!r}: must be a positive integer')
+    if not isinstance(read_timeout_s, (int, float)) or read_timeout_s <= 0:
+        raise SystemExit(f'--read_timeout_s={read_timeout_s!r}: must be a positive number of seconds')
     try:
         model = bd3lm.BD3LM.from_pretrained(init_from, device=device).to(getattr(torch, dtype))
         tokenizer = bd3lm.get_tokenizer(model)
@@ -331,7 +507,7 @@ if __name__ == '__main__':
         raise SystemExit(f'--init_from={init_from}: {e}') from None
     model_name = model_name or init_from
     started = int(time.time())
-    batcher = Batcher()
+    engine = Engine()
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     print(f'serving {model_name} ({model.config.block_size}-token blocks, {device} {dtype}) on '

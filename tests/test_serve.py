@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import bd3lm
 from conftest import random_model
@@ -27,8 +28,9 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp('model')
     random_model(vocab_size=50258, block_size=4, model_length=32, hidden_dim=32, n_heads=2).save_pretrained(folder)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, 'serve.py', f'--init_from={folder}', f'--port={port}', '--max_pending=4',
-                             '--max_tokens_limit=200'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, 'serve.py', f'--init_from={folder}', f'--port={port}', '--max_pending=8',
+                             '--max_tokens_limit=200', '--max_batch=8', '--max_body_bytes=100000', '--read_timeout_s=2'],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(120):
         try:
             http.client.HTTPConnection('127.0.0.1', port, timeout=1).request('GET', '/health')
@@ -133,10 +135,160 @@ def test_client_disconnecting_mid_stream_does_not_hurt_the_server(server, client
 
 
 def test_a_full_queue_answers_503_at_once(server):
-    # --max_pending=4: a burst of 8 long requests leaves some waiting; the overflow is refused, not queued.
+    # --max_batch=8 rows run, --max_pending=8 requests wait: in a burst of 24 long requests the overflow is
+    # refused, not queued.
     import concurrent.futures
     body = {'prompt': 'busy', 'max_tokens': 200, 'steps': None}
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
         statuses = [f.result()[0] for f in [pool.submit(post, server[0], {**body, 'prompt': f'busy {i} ' * (i + 1)})
-                                             for i in range(12)]]
+                                             for i in range(24)]]
     assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
+
+
+# --- continuous batching: mixed prompt lengths, joining and leaving at block boundaries --------------------
+
+PROMPTS = ['Hi', 'The weather today', 'Once upon a time, in a land far away,', 'A B C D E F G H I J K L',
+           'Diffusion models write several tokens at once when they are sure of them', 'Why?',
+           'One two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen',
+           'The café in Zürich serves']
+
+
+def health(port):
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+    conn.request('GET', '/health')
+    return json.loads(conn.getresponse().read())
+
+
+def completion(client, i, stream=False, **extra):
+    kwargs = dict(model='m', prompt=PROMPTS[i], max_tokens=14 + 5 * i, seed=100 + i, temperature=0.9, top_p=0.95)
+    kwargs.update(extra)
+    if stream:
+        return ''.join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices)
+    return client.completions.create(**kwargs).choices[0].text
+
+
+@pytest.mark.parametrize('extra', [{}, {'extra_body': {'threshold': 0.02}}, {'extra_body': {'steps': 2}}])
+def test_concurrent_requests_with_different_prompt_lengths_match_their_lone_runs(client, server, extra):
+    import concurrent.futures
+    lengths = {len(bd3lm.get_tokenizer().encode(p)) for p in PROMPTS}
+    assert len(lengths) == 8                                            # eight different prompt lengths
+    alone = [completion(client, i, **extra) for i in range(8)]
+    calls = health(server[0])['model_calls']
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: completion(client, i, **extra), range(8)))
+    shared_calls = health(server[0])['model_calls'] - calls
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        streamed = list(pool.map(lambda i: completion(client, i, stream=True, **extra), range(8)))
+    assert together == alone and streamed == alone
+    # they really shared model calls: one lone request of the longest length alone needs more than a third of these
+    assert shared_calls < 0.5 * sum(14 + 5 * i for i in range(8))
+
+
+def test_requests_with_different_rule_knobs_share_model_calls(client, server):
+    import concurrent.futures
+    knobs = [{'threshold': 0.01}, {'threshold': 0.5}, {'threshold': 1.0}, {'threshold': 0.1}]
+    run = lambda k: client.completions.create(model='m', prompt='Same knobs?', max_tokens=40, seed=9, extra_body=k)
+    alone, costs = [], []
+    for k in knobs:
+        calls = health(server[0])['model_calls']
+        alone.append(run(k).choices[0].text)
+        costs.append(health(server[0])['model_calls'] - calls)
+    calls = health(server[0])['model_calls']
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = [r.choices[0].text for r in pool.map(run, knobs)]
+    assert together == alone
+    assert health(server[0])['model_calls'] - calls < sum(costs)        # one lane: calls are shared
+
+
+def test_a_short_request_arriving_during_a_long_one_finishes_first(client, server):
+    import threading
+    finished = {}
+
+    def long():
+        for c in client.completions.create(model='m', prompt='long', max_tokens=200, seed=1, stream=True):
+            started.set()
+        finished['long'] = time.time()
+    started = threading.Event()
+    thread = threading.Thread(target=long)
+    thread.start()
+    assert started.wait(60)                                              # the long one is running
+    client.completions.create(model='m', prompt='short', max_tokens=8, seed=2)
+    finished['short'] = time.time()
+    thread.join(120)
+    assert finished['short'] < finished['long']
+
+
+def test_a_disconnect_frees_its_row_at_once(server, client):
+    body = json.dumps({'prompt': 'bye', 'max_tokens': 200, 'stream': True}).encode()
+    with socket.create_connection(('127.0.0.1', server[0]), timeout=30) as sock:
+        sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                     b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        first = sock.recv(4096)
+        while b'data: ' not in first:       # the first block has been written: the row is running
+            first += sock.recv(4096)
+        assert first.startswith(b'HTTP/1.1 200') and health(server[0])['running'] == 1
+    for _ in range(100):            # the row leaves at the engine's next step, long before its 200 tokens
+        if health(server[0])['running'] == 0:
+            break
+        time.sleep(0.05)
+    assert health(server[0])['running'] == 0
+    assert client.completions.create(model='m', prompt='after', max_tokens=4).choices[0].text
+
+
+def raw(port, data, read_for=10):
+    # Send bytes as a misbehaving client would; read the answer until the server closes the connection.
+    with socket.create_connection(('127.0.0.1', port), timeout=read_for) as sock:
+        sock.sendall(data)
+        answer = b''
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_limits_a_public_endpoint_needs(server, client):
+    huge = raw(server[0], b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{')
+    assert huge.startswith(b'HTTP/1.1 413') and b'request_too_large' in huge
+    status, answer = post(server[0], {'prompt': ['a', 'b', 'c'], 'n': 3})         # 9 rows > --max_batch=8
+    assert status == 400 and answer['error']['param'] == 'n'
+    t0 = time.time()                # headers promise a body that never comes: 408 after --read_timeout_s=2
+    silent = raw(server[0], b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"pro')
+    assert silent.startswith(b'HTTP/1.1 408') and 1.5 < time.time() - t0 < 10
+    assert raw(server[0], b'').startswith(b'HTTP/1.1 408')               # nothing at all: 408 too
+    for field, value in (('threshold', 2.0), ('entropy_bound', -1), ('tokens_per_call', 0), ('order', 'up')):
+        status, answer = post(server[0], {'prompt': 'x', field: value, **({'threshold': 0.5} if field == 'order' else {})})
+        assert status == 400 and answer['error']['param'] == field, answer
+    status, answer = post(server[0], {'prompt': 'x', 'threshold': 0.5, 'steps': 2})
+    assert status == 400 and 'choose one unmasking rule' in answer['error']['message']
+    assert client.completions.create(model='m', prompt='still here', max_tokens=4).choices[0].text
+
+
+@pytest.mark.parametrize('rule', [{}, {'threshold': 0.0}, {'steps': 2}, {'tokens_per_call': 2}, {'entropy_bound': 30.0}])
+def test_engine_rows_equal_generate_alone_in_float64(rule, monkeypatch):
+    # The engine in-process: rows with different prompt lengths (mid-block and whole blocks) join a lane at
+    # different times and run past model_length; each row's tokens equal model.generate for it alone.
+    import queue
+    monkeypatch.setattr(sys, 'argv', ['serve.py'])              # serve.py reads its flags when imported
+    import serve
+    model = random_model(vocab_size=50258, block_size=4, model_length=16, hidden_dim=32, n_heads=2).double()
+    serve.model, serve.tokenizer, serve.device, serve.max_batch = model, bd3lm.get_tokenizer(model), 'cpu', 8
+    g = torch.Generator().manual_seed(0)
+    prompts = [[50256] + torch.randint(0, 50000, (n,), generator=g).tolist() for n in (0, 2, 3, 4, 6, 7, 9, 12)]
+    lengths = [30, 11, 25, 40, 17, 33, 22, 8]
+    request = lambda i: {'max_tokens': lengths[i], 'stop': [], 'kv_cache': True, 'temperature': 0.8, 'top_p': 0.9,
+                         'steps': None, 'threshold': None, 'entropy_bound': None, 'tokens_per_call': None,
+                         'order': None, **rule}
+    rows = [serve.Row(request(i), prompts[i], i, 1000 + i, queue.Queue()) for i in range(8)]
+    lane = serve.Lane(rows[0].lane_key())
+    lane.regroup([], rows[:3])
+    for _ in range(5):
+        lane.step()
+    lane.regroup(list(range(len(lane.rows))), rows[3:])      # join while the first three are mid-text
+    for _ in range(400):
+        if not lane.rows:
+            break
+        lane.step()
+    assert not lane.rows and all(r.finished for r in rows)
+    for i, row in enumerate(rows):
+        out = model.generate(torch.tensor([prompts[i]]), lengths[i], generator=[torch.Generator().manual_seed(1000 + i)],
+                             temperature=0.8, top_p=0.9, stop_at_eos=True, **rule)[0, len(prompts[i]):].tolist()
+        assert row.tokens == out[:out.index(50256)] if 50256 in out else row.tokens == out, i
