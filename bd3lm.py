@@ -917,11 +917,12 @@ def denoise_step(model, xb, state, sampling, hidden, generator, row_nfe):
     xb: (B, bs) tokens of the blocks, updated in place, as is state. Returns whether the model was called
     (one NFE); row_nfe (B,) counts each row's own calls, what the row would pay alone."""
     call = {'first_hitting': _first_hitting_call, 'steps': _ancestral_call}.get(sampling.rule, _adaptive_call)
-    reveal, proposal, paid = call(model, xb, state, sampling, hidden, generator, state.active.any(-1))
+    drawing = state.active.any(-1)
+    reveal, proposal, paid = call(model, xb, state, sampling, hidden, generator, drawing)
     row_nfe += paid
     xb.copy_(torch.where(reveal, proposal, xb))
     state.active &= ~reveal
-    return bool(paid.any())
+    return paid is drawing or bool(paid.any())  # only steps=K may skip the call (no host sync otherwise)
 
 
 def _logits(model, xb, h, t, rows):
