@@ -8,6 +8,11 @@ error bars over seeds.
 
     python notebooks/interpolation.py                          # the full run (~45 min on 2 CPU cores)
     python notebooks/interpolation.py --iters=8 --seeds=1 --out=/tmp/r.json   # a quick version (the notebook's)
+    python notebooks/interpolation.py --block_sizes=1 --update      # rerun one row, keep the others in --out
+
+Block size 1 trains as bd3lms trains it: the clipped-schedule search runs after its first evaluation (at a
+tenth of the budget) and picks t = 1, the exact AR loss, for the rest of training. The other block sizes
+train on the full interval [1e-3, 1] with no search, so that they differ in block size alone.
 """
 import argparse
 import json
@@ -34,6 +39,7 @@ p.add_argument('--eval_batches', type=int, default=20, help='batches for the var
 p.add_argument('--sample_tokens', type=int, default=None, help='default model_length - 1 (what MDLM can write)')
 p.add_argument('--out', default=os.path.join(ROOT, 'notebooks', 'interpolation_results.json'))
 p.add_argument('--work_dir', default=os.path.join(ROOT, 'out-interpolation'))
+p.add_argument('--update', action='store_true', help='replace only these block sizes\' rows in an existing --out')
 args = p.parse_args()
 
 L = args.model_length
@@ -66,7 +72,8 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
         t0 = time.time()
         done = os.path.exists(os.path.join(out_dir, 'eval.json'))   # a rerun reuses finished models
         if not done:
-            run(os.path.join(ROOT, 'train.py'), *model_args, f'--block_size={bs}', f'--out_dir={out_dir}',
+            ar = [f'--clip_search=True', f'--eval_interval={max(1, args.iters // 10)}'] if bs == 1 else []
+            run(os.path.join(ROOT, 'train.py'), *model_args, *ar, f'--block_size={bs}', f'--out_dir={out_dir}',
                 f'--seed={1337 + seed}')
         with open(os.path.join(out_dir, 'final.json')) as f:
             train_minutes = json.load(f)['minutes']
@@ -101,6 +108,10 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
         results.append(row)
         print(json.dumps(row), flush=True)
 
+if args.update:  # the other block sizes' rows stay as they were
+    with open(args.out) as f:
+        kept = [r for r in json.load(f)['results'] if r['block_size'] not in {r['block_size'] for r in results}]
+    results = sorted(kept + results, key=lambda r: (r['block_size'], r['seed']))
 summary = []
 for bs in dict.fromkeys(r['block_size'] for r in results):
     rows = [r for r in results if r['block_size'] == bs]
@@ -111,7 +122,8 @@ for bs in dict.fromkeys(r['block_size'] for r in results):
     print(f"{rows[0]['label']:>10}: perplexity <= {summary[-1]['ppl_mean']:.1f} +- {summary[-1]['ppl_std']:.1f} "
           f"over {len(rows)} seeds")
 
-meta = {'command': 'python notebooks/interpolation.py ' + ' '.join(sys.argv[1:]), 'iters': args.iters,
+meta = {'command': 'python notebooks/interpolation.py' + (' (then: ' + ' '.join(sys.argv[1:]) + ')' if args.update else
+                                                            ' ' + ' '.join(sys.argv[1:])), 'iters': args.iters,
         'model': '2 layers x 128 wide, L=%d, batch 16, embedded corpus' % L, 'torch': torch.__version__,
         'threads': torch.get_num_threads(), 'seeds': args.seeds, 'eval_passes': args.eval_passes}
 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
