@@ -90,8 +90,10 @@ RULES = [('first-hitting', {})]
 RULES += [(f'steps={K}', {'steps': K}) for K in (8, 4, 2, 1)]
 RULES += [(f'threshold={tau}, {order}', {'threshold': tau, 'order': order})
           for order in ('uniform', 'confidence') for tau in (0.9, 0.7, 0.5, 0.3, 0.1)]
+# gamma up to 64 nats: a small model's positions often carry more than 4 nats each, so a narrow sweep
+# never leaves one token per call
 RULES += [(f'entropy_bound={gamma}, {order}', {'entropy_bound': gamma, 'order': order})
-          for order in ('entropy', 'uniform') for gamma in (0.1, 0.5, 1.0, 2.0, 4.0)]
+          for order in ('entropy', 'uniform') for gamma in (0.5, 2.0, 8.0, 16.0, 32.0, 64.0)]
 RULES += [(f'tokens_per_call={k}', {'tokens_per_call': k}) for k in (2, 4, 8)]
 
 

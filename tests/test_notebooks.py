@@ -9,7 +9,7 @@ nbclient = pytest.importorskip('nbclient', reason='pip install -e ".[notebooks]"
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), '..', 'notebooks')
 
 
-@pytest.mark.parametrize('name,min_images', [('walkthrough.ipynb', 5), ('interpolation.ipynb', 1)])
+@pytest.mark.parametrize('name,min_images', [('walkthrough.ipynb', 5), ('interpolation.ipynb', 1), ('sampling.ipynb', 2)])
 def test_notebook_executes_and_has_plots(name, min_images):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
