@@ -133,18 +133,22 @@ class KVCache:
         view.n_committed = self.n_committed[start:stop]
         return view
 
+    def plan(self, device):
+        """Where each row's block goes in this pass and what it may attend to, worked out once per pass on
+        the host (plain ints when rows agree, so a compiled pass sees constants, not data-dependent values)."""
+        bs, counts = self.block_size, self.n_committed.tolist()
+        starts = [(n % self.n_slots) * bs for n in counts]
+        valid = [min(n + 1, self.n_slots) * bs for n in counts]
+        index = None if len(set(starts)) == 1 else (
+            torch.tensor(starts, device=device)[:, None] + torch.arange(bs, device=device))          # (B, bs)
+        mask = None if len(set(valid)) == 1 else (
+            torch.arange(max(valid), device=device) < torch.tensor(valid, device=device)[:, None])
+        self._plan = starts[0], max(valid), index, None if mask is None else mask[:, None, None, :]
+
     def update(self, layer, k, v):
-        """Write this block's keys and values (B, H, bs, head_dim) into each row's slot; return the keys and
-        values to attend to and a (B, 1, 1, n) mask, or None when every row has the same valid slots."""
-        if layer == 0:  # where each row writes, computed once per pass
-            bs, counts = self.block_size, self.n_committed.tolist()
-            starts = [(n % self.n_slots) * bs for n in counts]
-            valid = [min(n + 1, self.n_slots) * bs for n in counts]
-            index = None if len(set(starts)) == 1 else (
-                torch.tensor(starts, device=k.device)[:, None] + torch.arange(bs, device=k.device))   # (B, bs)
-            mask = None if len(set(valid)) == 1 else (
-                torch.arange(max(valid), device=k.device) < torch.tensor(valid, device=k.device)[:, None])
-            self._plan = starts[0], max(valid), index, None if mask is None else mask[:, None, None, :]
+        """Write this block's keys and values (B, H, bs, head_dim) into each row's slot (as planned for this
+        pass); return the keys and values to attend to and a (B, 1, 1, n) mask, or None when every row has
+        the same valid slots."""
         start, n_valid, index, mask = self._plan
         if index is None:
             self.k[layer, :, :, start:start + self.block_size] = k
@@ -374,6 +378,8 @@ class BD3LM(nn.Module):
         # when the sequence is longer). With a cache: x is one block attending to the cached prefix.
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
+        if cache is not None:
+            cache.plan(x.device)
         mask = None if cache is not None else self._mask('infer', x.shape[1])
         return self._run(x, positions, mask, self._cond(x, sigma, per_token=True), cache)
 
