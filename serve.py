@@ -343,7 +343,7 @@ class Engine:
 
     def reference(self, row):
         """kv_cache=false: the uncached reference path, one generate call for this row alone."""
-        r, P = row.request, len(row.prompt)
+        r = row.request
 
         def on_block(x, end):
             block = x[0, row.lo:row.lo + model.config.block_size]

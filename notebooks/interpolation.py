@@ -72,7 +72,7 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
         t0 = time.time()
         done = os.path.exists(os.path.join(out_dir, 'eval.json'))   # a rerun reuses finished models
         if not done:
-            ar = [f'--clip_search=True', f'--eval_interval={max(1, args.iters // 10)}'] if bs == 1 else []
+            ar = ['--clip_search=True', f'--eval_interval={max(1, args.iters // 10)}'] if bs == 1 else []
             run(os.path.join(ROOT, 'train.py'), *model_args, *ar, f'--block_size={bs}', f'--out_dir={out_dir}',
                 f'--seed={1337 + seed}')
         with open(os.path.join(out_dir, 'final.json')) as f:
