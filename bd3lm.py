@@ -997,6 +997,21 @@ def _adaptive_call(model, xb, state, sampling, hidden, generator, drawing):
 
 
 @torch.no_grad()
+def prefill(model, x, cache):
+    """Write the complete blocks of x (B, T) into the cache as clean prefix, one pass per block; returns the
+    number of passes. Only a time-conditioned model reads the noise level of a clean block (adaLN modulates
+    every position); it gets the clean end of the schedule. Without time conditioning (the released
+    models) cached and uncached sampling agree exactly."""
+    bs = model.config.block_size
+    clean = torch.full((x.shape[0],), EPS, device=x.device)
+    sigma = sigma_from_move_chance(clean) if model.config.time_conditioning else None
+    for lo in range(0, x.shape[1] // bs * bs, bs):
+        model._hidden(x[:, lo:lo + bs], sigma, torch.arange(lo, lo + bs, device=x.device), cache)
+        cache.commit()
+    return x.shape[1] // bs
+
+
+@torch.no_grad()
 def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
              stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False,
              temperature=1.0, threshold=None, entropy_bound=None, tokens_per_call=None, order=None,
@@ -1067,14 +1082,9 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
         start = max(0, lo - reach)
         return model._hidden(x[:, start:lo + bs], sigma, torch.arange(start, lo + bs, device=device))[:, -bs:]
 
-    # Clean blocks enter the cache with one pass each. Only a time-conditioned model reads the noise
-    # level there (adaLN modulates every position); it gets the clean end of the schedule. Without
-    # time conditioning (the released models) cached and uncached sampling agree exactly.
     clean_t = torch.full((B,), EPS, device=device)
-    if cache is not None:                                     # prefill: the prompt's complete blocks
-        for b in range(P // bs):
-            hidden(b * bs, clean_t)
-            cache.commit()
+    if cache is not None:                                     # the prompt's complete blocks enter the cache
+        stats['forward_passes'] += prefill(model, idx.to(device), cache)
     for b in range(P // bs, n_blocks):                        # Alg. 2: blocks left to right
         lo = b * bs
         block = x[:, lo:lo + bs]                                                 # a view: updated in place

@@ -66,7 +66,7 @@ FIELDS = {'model': ((str,), None), 'prompt': ((str, list), None), 'max_tokens': 
           'temperature': ((int, float), 1.0), 'top_p': ((int, float), 1.0), 'n': ((int,), 1),
           'seed': ((int, type(None)), None), 'stop': ((str, list, type(None)), None), 'stream': ((bool,), False),
           'steps': ((int, type(None)), None), 'kv_cache': ((bool,), True), 'user': ((str,), None),
-          'threshold': ((int, float, list, type(None)), None), 'entropy_bound': ((int, float, type(None)), None),
+          'threshold': ((int, float, type(None)), None), 'entropy_bound': ((int, float, type(None)), None),
           'tokens_per_call': ((int, type(None)), None), 'order': ((str, type(None)), None),
           'stream_options': ((dict, type(None)), None), 'echo': ((bool,), False), 'logprobs': ((int, type(None)), None),
           'best_of': ((int, type(None)), None), 'presence_penalty': ((int, float), 0), 'frequency_penalty': ((int, float), 0),
@@ -101,8 +101,6 @@ def parse_request(body, tokenizer, config):
         raise RequestError(f'top_p must be in (0, 1], got {r["top_p"]}', 'top_p')
     if not 1 <= r['n'] <= max_batch:
         raise RequestError(f'n must be in [1, {max_batch}], got {r["n"]}', 'n')
-    if isinstance(r['threshold'], list):
-        raise RequestError('threshold: expected a number', 'threshold')
     rule = {k: r[k] for k in ('steps', 'threshold', 'entropy_bound', 'tokens_per_call', 'order')}
     try:  # the unmasking rule, checked by the sampler itself
         bd3lm.Sampling(1, 'cpu', **rule)
@@ -221,9 +219,7 @@ class Lane:
             cache = self.cache.rows(slot, slot + 1)
             cache.n_committed.zero_()
             prompt = torch.tensor([row.prompt], device=device)
-            for lo in range(0, row.lo, bs):            # the prompt's complete blocks enter the cache
-                model._hidden(prompt[:, lo:lo + bs], clean_sigma(1), torch.arange(lo, lo + bs, device=device), cache)
-                cache.commit()
+            bd3lm.prefill(model, prompt, cache)          # the prompt's complete blocks enter its cache slot
             block = torch.full((1, bs), cfg.mask_id, dtype=torch.long, device=device)
             block[0, :len(row.prompt) - row.lo] = prompt[0, row.lo:]
             pos = torch.arange(row.lo, row.lo + bs, device=device)
@@ -258,32 +254,26 @@ class Lane:
             t = torch.where(committing, bd3lm.EPS, t.float())
             sigma = bd3lm.sigma_from_move_chance(t) if model.config.time_conditioning else None
             return model._hidden(self.xb, sigma, positions, cache)
-        before = self.state.active.any(-1)
         if not committing.all():
             bd3lm.denoise_step(model, self.xb, self.state, self.sampling, hidden, self.generators,
                                torch.zeros(n, dtype=torch.long, device=device))
         if committing.any() and not ran:     # steps=K may reuse its last output: the cache write still runs
             hidden(torch.zeros(n, device=device))
         cache.commit(committing)
-        keep = []
-        for i, row in enumerate(self.rows):
-            if committing[i]:                   # its block is in the cache: start the next one
+        keep, complete = [], (~self.state.active.any(-1)).tolist()    # one host read per step, not per row
+        for i, (row, committed) in enumerate(zip(self.rows, committing.tolist())):
+            if committed:                       # its block is in the cache: start the next one
                 row.lo += bs
                 pos = torch.arange(row.lo, row.lo + bs, device=device)
                 self.xb[i] = model.config.mask_id
                 self.state.active[i] = pos < row.end
                 self.state.t[i], self.state.step[i], self.state.stale[i] = 1.0, 0, True
-            elif before[i] and not self.state.active[i].any() and row.block_done(self.xb[i]):
+            elif complete[i] and row.block_done(self.xb[i]):
                 continue                        # done: EOS, max_tokens or a stop string
             if not row.cancelled:
                 keep.append(i)
         if len(keep) < n:
             self.regroup(keep, [])
-
-
-def clean_sigma(n):  # a clean block's noise level, for time-conditioned models (as generate's cache writes)
-    return bd3lm.sigma_from_move_chance(torch.full((n,), bd3lm.EPS, device=device)) \
-        if model.config.time_conditioning else None
 
 
 class Engine:
