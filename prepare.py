@@ -27,6 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 import bd3lm
+import checkpoints
+from tokenizer import Tokenizer, get_tokenizer
 
 FORMATS = ('plain', 'wrapped')
 
@@ -176,7 +178,7 @@ def load_tokenizer(name):
     """'gpt2', 'bert-base-uncased' (its vocab.txt from the Hugging Face hub, online) or a local vocab.txt.
     Returns (tokenizer, vocab list or None)."""
     if name == 'gpt2':
-        return bd3lm.get_tokenizer(), None
+        return get_tokenizer(), None
     path = name
     if name == 'bert-base-uncased':
         try:
@@ -187,7 +189,7 @@ def load_tokenizer(name):
         path = hf_hub_download('bert-base-uncased', 'vocab.txt')
     if not os.path.isfile(path):
         raise SystemExit(f'--tokenizer={name!r}: expected gpt2, bert-base-uncased or a WordPiece vocab.txt file')
-    vocab = bd3lm.read_vocab(path)
+    vocab = checkpoints.read_vocab(path)
     missing = [t for t in ('[MASK]', '[CLS]', '[SEP]', '[UNK]') if t not in vocab]
     if missing:
         raise SystemExit(f'{path}: a BERT WordPiece vocabulary needs {missing}')
@@ -195,7 +197,7 @@ def load_tokenizer(name):
     # stream is doc1 [CLS] doc2 [CLS] ... and every wrapped chunk is [CLS] ... [CLS].
     config = bd3lm.BD3LMConfig(vocab_size=len(vocab), tokenizer='wordpiece', mask_id=vocab.index('[MASK]'),
                                bos_id=vocab.index('[CLS]'), eos_id=vocab.index('[CLS]'))
-    return bd3lm.Tokenizer(config, vocab), vocab
+    return Tokenizer(config, vocab), vocab
 
 
 def model_config_fields(meta):
@@ -245,7 +247,7 @@ def write(docs, out_dir, val_fraction, source, total=None, tokenizer='gpt2', fmt
             'vocab_size': 50257 if vocab is None else len(vocab), 'bos_id': enc.bos_id, 'eos_id': enc.eos_id,
             'mask_id': enc.mask_id, 'format': fmt, 'eos_per_doc': eos_per_doc, 'documents': n_docs}
     if vocab is not None:
-        bd3lm.write_vocab(os.path.join(out_dir, 'vocab.txt'), vocab)
+        checkpoints.write_vocab(os.path.join(out_dir, 'vocab.txt'), vocab)
     for split, arrays in splits.items():
         tokens = np.concatenate(arrays)
         tmp = os.path.join(out_dir, f'{split}.bin.tmp')
@@ -266,7 +268,7 @@ def read_meta(data_dir):
     if meta.get('format') not in FORMATS:
         raise SystemExit(f'{path} records no sequence format (made by an older prepare.py); run prepare.py again')
     if meta['tokenizer'] == 'wordpiece':
-        meta['vocab'] = bd3lm.read_vocab(os.path.join(data_dir, 'vocab.txt'))
+        meta['vocab'] = checkpoints.read_vocab(os.path.join(data_dir, 'vocab.txt'))
     return meta
 
 

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import bd3lm
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'out-demo'  # hub id, HF-layout folder, Lightning .ckpt, or a train.py out_dir
@@ -84,7 +85,7 @@ except (ValueError, OSError, ImportError) as e:  # the loader's messages name th
     raise SystemExit(f'--init_from={init_from}: {e}') from None
 if compile:
     model._run = torch.compile(model._run, dynamic=True)   # the per-block transformer pass
-enc = bd3lm.get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries
+enc = get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()

@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 import bd3lm
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'out-demo'      # any model BD3LM.from_pretrained accepts: hub id, folder, Lightning .ckpt
@@ -199,7 +200,7 @@ class Lane:
     def __init__(self, key):
         cfg = model.config
         self.key, self.rows = key, []
-        self.cache = bd3lm.KVCache(cfg.n_blocks, max_batch, cfg.n_heads, cfg.model_length, cfg.hidden_dim // cfg.n_heads,
+        self.cache = bd3lm.KVCache(cfg.n_layers, max_batch, cfg.n_heads, cfg.model_length, cfg.hidden_dim // cfg.n_heads,
                                    cfg.block_size, device, model.vocab_embed.embedding.dtype)
         self.xb = torch.zeros(0, cfg.block_size, dtype=torch.long, device=device)
         self.state = bd3lm.BlockState(torch.zeros(0, cfg.block_size, dtype=torch.bool, device=device))
@@ -492,7 +493,7 @@ if __name__ == '__main__':
         raise SystemExit(f'--read_timeout_s={read_timeout_s!r}: must be a positive number of seconds')
     try:
         model = bd3lm.BD3LM.from_pretrained(init_from, device=device).to(getattr(torch, dtype))
-        tokenizer = bd3lm.get_tokenizer(model)
+        tokenizer = get_tokenizer(model)
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f'--init_from={init_from}: {e}') from None
     model_name = model_name or init_from

@@ -25,7 +25,9 @@ import torch
 from tqdm import tqdm
 
 import bd3lm
+import checkpoints
 import prepare
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -46,7 +48,7 @@ gradient_accumulation_steps = 1
 # model
 block_size = 16
 model_length = 128          # training context L
-n_blocks = 4
+n_layers = 4
 n_heads = 4
 hidden_dim = 128
 cond_dim = 64
@@ -91,7 +93,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith('_') and isin
 
 # Check every setting before any work is done: one line that names the problem and the fix.
 _positive = ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval', 'block_size',
-             'model_length', 'n_blocks', 'n_heads', 'hidden_dim', 'cond_dim', 'clip_search_iters', 'eval_batch_size',
+             'model_length', 'n_layers', 'n_heads', 'hidden_dim', 'cond_dim', 'clip_search_iters', 'eval_batch_size',
              'eval_passes')
 for _name in _positive:
     if not isinstance(globals()[_name], int) or isinstance(globals()[_name], bool) or globals()[_name] <= 0:
@@ -120,7 +122,7 @@ try:  # an unwritable out_dir is found now, not at the first save after training
 except OSError as e:
     raise SystemExit(f'--out_dir={out_dir}: cannot write there ({e.strerror}); choose a writable folder')
 if int(os.environ.get('RANK', 0)) == 0:
-    bd3lm.recover_folder(out_dir)  # a save that a kill cut off is finished or dropped
+    checkpoints.recover_folder(out_dir)  # a save that a kill cut off is finished or dropped
 
 ddp = int(os.environ.get('RANK', -1)) != -1
 if device == 'auto':
@@ -249,7 +251,7 @@ def get_batch(split, generator=data_gen):
 
 # --- model ---------------------------------------------------------------------------------------------
 config = bd3lm.BD3LMConfig(block_size=block_size, model_length=model_length, hidden_dim=hidden_dim, cond_dim=cond_dim,
-                           n_blocks=n_blocks, n_heads=n_heads, dropout=dropout, time_conditioning=time_conditioning,
+                           n_layers=n_layers, n_heads=n_heads, dropout=dropout, time_conditioning=time_conditioning,
                            **prepare.model_config_fields(meta))
 iter_num, best_val_loss, checkpoint = 0, float('inf'), None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -263,12 +265,13 @@ if init_from == 'resume':
                          f'it may be truncated: restore it or start again') from None
     # Resuming continues the same model: a model flag that disagrees with the checkpoint is refused
     # rather than half-applied (to change the model, fine-tune it: --init_from=<out_dir>).
-    conflicts = [f'{k}={globals()[k]!r} (checkpoint: {v!r})' for k, v in checkpoint['model_args'].items()
+    model_args = {checkpoints.RENAMED.get(k, k): v for k, v in checkpoint['model_args'].items()}  # older runs: n_blocks
+    conflicts = [f'{k}={globals()[k]!r} (checkpoint: {v!r})' for k, v in model_args.items()
                  if k in globals() and globals()[k] != v]
     if conflicts:
         raise SystemExit(f'--init_from=resume: this run sets {", ".join(conflicts)}. Drop those flags to resume as '
                          f'trained, or fine-tune a changed model with --init_from={out_dir} and a new --out_dir')
-    config = bd3lm.BD3LMConfig(**checkpoint['model_args'])
+    config = bd3lm.BD3LMConfig(**model_args)
     model = bd3lm.BD3LM(config)
     model.load_state_dict(checkpoint['model'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -284,9 +287,9 @@ else:  # fine-tune: the pretrained weights, loaded strictly into this run's conf
     pretrained = load_model(init_from)
     check_tokens(pretrained, f'init_from={init_from}')
     try:
-        model = bd3lm._build(bd3lm.BD3LM, config, pretrained.state_dict(), 'cpu', f'init_from={init_from}')
+        model = checkpoints.build(config, pretrained.state_dict(), 'cpu', f'init_from={init_from}')
     except ValueError as e:
-        raise SystemExit(f'{e}\nSet n_blocks/n_heads/hidden_dim/cond_dim to the pretrained model\'s: {pretrained.config}')
+        raise SystemExit(f'{e}\nSet n_layers/n_heads/hidden_dim/cond_dim to the pretrained model\'s: {pretrained.config}')
     model.train()
 model.vocab = meta.get('vocab')
 if init_from != 'resume':
@@ -382,7 +385,7 @@ def lr_at(it):
 
 def save_checkpoint():
     """ckpt.pt (everything needed to resume exactly) and the EMA model as config.json + model.safetensors,
-    written together (bd3lm.write_together): a kill at any point leaves them from the same iteration."""
+    written together (checkpoints.write_together): a kill at any point leaves them from the same iteration."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': asdict(config),
              'ema': ema_params, 'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': settings,
              'data_gen': data_gen.get_state(), 'noise_gen': noise_gen.get_state().cpu(),
@@ -392,14 +395,14 @@ def save_checkpoint():
         torch.save(state, os.path.join(folder, 'ckpt.pt'))
         with ema_weights():
             model.save_pretrained(folder)
-    bd3lm.write_together(out_dir, write)
+    checkpoints.write_together(out_dir, write)
 
 
 def mfu(tokens_per_second):
     # Model FLOPs utilisation against an H100's dense bf16 peak: 6 flops per parameter per token of the
     # 2L-long pass (both halves), plus attention over the block-diffusion mask (counted dense).
     n_layer_params = n_params - 2 * config.vocab_size * config.hidden_dim
-    flops_per_token = 6 * n_layer_params * 2 + 12 * config.n_blocks * config.hidden_dim * 2 * model_length
+    flops_per_token = 6 * n_layer_params * 2 + 12 * config.n_layers * config.hidden_dim * 2 * model_length
     flops_per_token += 6 * config.vocab_size * config.hidden_dim * 0.5  # the masked half projected to the vocab
     return tokens_per_second * flops_per_token / 989e12
 
@@ -504,7 +507,7 @@ if master:
         json.dump({'val_nelbo': stats['val_nelbo'], 'val_ppl': safe_exp(stats['val_nelbo']), 'iter': iter_num,
                    'minutes': (time.time() - start_time) / 60}, f)
     if num_samples > 0:
-        enc = bd3lm.get_tokenizer(model)
+        enc = get_tokenizer(model)
         with ema_weights():
             model.eval()
             out = model.generate(torch.full((num_samples, 1), config.bos_id, device=device), sample_tokens,

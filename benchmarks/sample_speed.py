@@ -2,7 +2,7 @@
 the number of denoising steps per block, all on the same machine in one run.
 
     python benchmarks/sample_speed.py                     # CPU: 4 layers x 256 wide, context 1024
-    python benchmarks/sample_speed.py --device=cuda --n_blocks=12 --hidden_dim=768 --n_heads=12 \
+    python benchmarks/sample_speed.py --device=cuda --n_layers=12 --hidden_dim=768 --n_heads=12 \
         --dtype=bfloat16 --batch_sizes=1,32               # the released configuration on a GPU
 
 Random weights: speed does not depend on what the weights are (first-hitting makes exactly one model
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import bd3lm  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument('--n_blocks', type=int, default=4)
+p.add_argument('--n_layers', type=int, default=4)
 p.add_argument('--hidden_dim', type=int, default=256)
 p.add_argument('--n_heads', type=int, default=4)
 p.add_argument('--model_length', type=int, default=1024)
@@ -37,11 +37,11 @@ args = p.parse_args()
 def run(block_size, batch_size, kv_cache, steps):
     torch.manual_seed(0)
     config = bd3lm.BD3LMConfig(block_size=block_size, model_length=args.model_length, hidden_dim=args.hidden_dim,
-                               cond_dim=128, n_blocks=args.n_blocks, n_heads=args.n_heads)
+                               cond_dim=128, n_layers=args.n_layers, n_heads=args.n_heads)
     model = bd3lm.BD3LM(config).to(args.device, getattr(torch, args.dtype)).eval()
     if args.compile:
         model._run = torch.compile(model._run, dynamic=True)
-    idx = torch.full((batch_size, 1), bd3lm.BOS_ID, device=args.device)
+    idx = torch.full((batch_size, 1), config.bos_id, device=args.device)
     gen = lambda n: model.generate(idx, n, steps=steps, kv_cache=kv_cache, return_stats=True,
                                    generator=torch.Generator(args.device).manual_seed(0))
     gen(2 * block_size)  # warm-up (allocation, compilation)
@@ -55,7 +55,7 @@ def run(block_size, batch_size, kv_cache, steps):
     return batch_size * (args.new_tokens - 1) / dt, stats['nfe'], stats['nfe'] / dt
 
 
-print(f'{args.n_blocks} layers x {args.hidden_dim} wide, context {args.model_length}, {args.new_tokens} tokens '
+print(f'{args.n_layers} layers x {args.hidden_dim} wide, context {args.model_length}, {args.new_tokens} tokens '
       f'(BOS + {args.new_tokens - 1} new), {args.device} {args.dtype}, torch {torch.__version__}, '
       f'{torch.get_num_threads()} threads')
 print(f'{"block":>5} {"batch":>5} {"steps/block":>12} {"kv cache":>8} {"NFEs":>6} {"tokens/s":>10} {"calls/s":>8}')

@@ -23,7 +23,7 @@ args = p.parse_args()
 
 torch.manual_seed(0)
 config = bd3lm.BD3LMConfig(block_size=args.block_size, vocab_size=1000, model_length=128, hidden_dim=64, cond_dim=32,
-                           n_blocks=2, n_heads=2, dropout=0.0)
+                           n_layers=2, n_heads=2, dropout=0.0)
 model = bd3lm.BD3LM(config).eval()
 bs = config.block_size
 
@@ -49,7 +49,7 @@ calls = stats['forward_passes']
 def bare():
     # The same passes with nothing around them: the block through the cached transformer, and one
     # position through the vocabulary projection (what first-hitting needs), cycling through the ring.
-    cache = bd3lm.KVCache(config.n_blocks, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
+    cache = bd3lm.KVCache(config.n_layers, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
                           bs, 'cpu', torch.float32)
     x = torch.randint(0, 999, (1, bs))
     c = model._cond(x, None)
@@ -64,7 +64,7 @@ def bare():
 
 
 bare_time = best_of(bare)
-print(f'{config.n_blocks} layers x {config.hidden_dim}, vocab {config.vocab_size}, blocks of {bs}, {args.tokens} tokens, '
+print(f'{config.n_layers} layers x {config.hidden_dim}, vocab {config.vocab_size}, blocks of {bs}, {args.tokens} tokens, '
       f'{calls} forward passes, torch threads {torch.get_num_threads()}')
 print(f'sampler: {1e6 * total / calls:8.1f} us per call')
 print(f'bare:    {1e6 * bare_time / calls:8.1f} us per call')

@@ -29,6 +29,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 import bd3lm  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument('--out_dir', default='out-frontier')
@@ -52,7 +53,7 @@ for name, flags in MODELS.items():
         subprocess.run([sys.executable, 'train.py', f'--out_dir={folder}', *flags,
                         *[f.format(it=args.max_iters) for f in TRAIN]], cwd=ROOT, check=True)
 model = bd3lm.BD3LM.from_pretrained(os.path.join(args.out_dir, 'model')).eval()
-enc = bd3lm.get_tokenizer(model)
+enc = get_tokenizer(model)
 final = {name: json.load(open(os.path.join(args.out_dir, name, 'final.json'))) for name in MODELS}
 
 # --- the judge -------------------------------------------------------------------------------------------

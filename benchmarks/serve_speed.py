@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import bd3lm  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument('--n_blocks', type=int, default=4)
+p.add_argument('--n_layers', type=int, default=4)
 p.add_argument('--hidden_dim', type=int, default=256)
 p.add_argument('--block_size', type=int, default=16)
 p.add_argument('--identical', default='1,8', help='client counts for the identical-prompt case')
@@ -53,7 +53,7 @@ MAX_TOKENS = [48, 96, 64, 80, 56, 72, 88, 60]
 folder = tempfile.mkdtemp()
 torch.manual_seed(0)
 bd3lm.BD3LM(bd3lm.BD3LMConfig(block_size=args.block_size, model_length=1024, hidden_dim=args.hidden_dim, cond_dim=64,
-                              n_blocks=args.n_blocks, n_heads=4)).save_pretrained(folder)
+                              n_layers=args.n_layers, n_heads=4)).save_pretrained(folder)
 with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
@@ -103,7 +103,7 @@ try:
             break
         except OSError:
             time.sleep(0.5)
-    print(f'model: {args.n_blocks} layers x {args.hidden_dim}, blocks of {args.block_size}, GPT-2 vocabulary, random '
+    print(f'model: {args.n_layers} layers x {args.hidden_dim}, blocks of {args.block_size}, GPT-2 vocabulary, random '
           f'weights; rule {extra or "first-hitting"}; torch threads {torch.get_num_threads()}', flush=True)
 
     print('\n1. identical prompts (64 new tokens each)')

@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py                       # 4 layers x 256 wide, L=256, batch 8, GPT-2 vocab
     python benchmarks/train_speed.py --official=PATH        # also time the official bd3lms backbone
     python benchmarks/train_speed.py --compile=1            # eager vs torch.compile, in one run
-    python benchmarks/train_speed.py --device=cuda --n_blocks=12 --hidden_dim=768 --n_heads=12 --model_length=1024 \
+    python benchmarks/train_speed.py --device=cuda --n_layers=12 --hidden_dim=768 --n_heads=12 --model_length=1024 \
         --batch_size=16 --dtype=bfloat16 --compile=1        # GPU: FlexAttention vs SDPA, eager vs compiled, MFU
 
 --official points at a folder holding bd3lms' models/hf/{modeling,configuration}_bd3lm.py (needs
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import bd3lm  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument('--n_blocks', type=int, default=4)
+p.add_argument('--n_layers', type=int, default=4)
 p.add_argument('--hidden_dim', type=int, default=256)
 p.add_argument('--n_heads', type=int, default=4)
 p.add_argument('--model_length', type=int, default=256)
@@ -35,12 +35,12 @@ p.add_argument('--official', default=None)
 args = p.parse_args()
 
 config = bd3lm.BD3LMConfig(block_size=args.block_size, model_length=args.model_length, hidden_dim=args.hidden_dim,
-                           cond_dim=128, n_blocks=args.n_blocks, n_heads=args.n_heads, dropout=0.0)
+                           cond_dim=128, n_layers=args.n_layers, n_heads=args.n_heads, dropout=0.0)
 B, L = args.batch_size, args.model_length
 autocast = torch.autocast(args.device.split(':')[0], dtype=getattr(torch, args.dtype),
                           enabled=args.dtype != 'float32')
 x0 = torch.randint(0, 50257, (B, L), device=args.device)
-x0[:, 0] = bd3lm.BOS_ID
+x0[:, 0] = config.bos_id
 
 
 def time_steps(loss_fn, params):
@@ -81,7 +81,7 @@ def mfu(tokens_per_second):
     # The same count as train.py: 6 flops per layer parameter per token of the 2L pass, attention counted
     # dense, half of the positions projected to the vocabulary; against an H100's dense bf16 peak.
     n_layer_params = sum(p.numel() for p in bd3lm.BD3LM(config).blocks.parameters())
-    flops = 6 * n_layer_params * 2 + 12 * config.n_blocks * config.hidden_dim * 2 * L
+    flops = 6 * n_layer_params * 2 + 12 * config.n_layers * config.hidden_dim * 2 * L
     flops += 6 * config.vocab_size * config.hidden_dim * 0.5
     return tokens_per_second * flops / 989e12
 
@@ -95,7 +95,7 @@ def official():
     OfficialConfig = importlib.import_module(f'{package}.configuration_bd3lm').BD3LMConfig
     torch.manual_seed(0)
     model = Official(OfficialConfig(attn_backend='sdpa', block_size=config.block_size, model_length=L,
-                                    hidden_dim=config.hidden_dim, cond_dim=config.cond_dim, n_blocks=config.n_blocks,
+                                    hidden_dim=config.hidden_dim, cond_dim=config.cond_dim, n_blocks=config.n_layers,
                                     n_heads=config.n_heads, dropout=0.0, vocab_size=config.vocab_size)).to(args.device).train()
     mask_id = config.mask_id
 
@@ -113,7 +113,7 @@ def official():
     return time_steps(loss, model.parameters())
 
 
-print(f'{config.n_blocks} layers x {config.hidden_dim} wide, L={L}, batch {B}, vocab {config.vocab_size}, '
+print(f'{config.n_layers} layers x {config.hidden_dim} wide, L={L}, batch {B}, vocab {config.vocab_size}, '
       f'{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads')
 results = {'bd3lm.py (SDPA)': ours('sdpa', False)}
 if args.compile:

@@ -44,7 +44,7 @@ args = p.parse_args()
 
 L = args.model_length
 args.sample_tokens = args.sample_tokens or L - 1
-model_args = ['--n_blocks=2', '--n_heads=4', '--hidden_dim=128', '--cond_dim=64', f'--model_length={L}',
+model_args = ['--n_layers=2', '--n_heads=4', '--hidden_dim=128', '--cond_dim=64', f'--model_length={L}',
               '--batch_size=16', f'--max_iters={args.iters}', f'--lr_decay_iters={args.iters}',
               f'--warmup_iters={max(1, args.iters // 10)}', f'--eval_interval={args.iters}', '--eval_iters=2',
               '--clip_search=False', '--num_samples=0', '--max_minutes=0', '--log_interval=1000']

@@ -11,7 +11,7 @@ REFERENCE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'refer
 def random_model(seed=0, **overrides):
     """A tiny BD3LM whose every parameter is random (the real init zeroes adaLN and the output layer,
     which would hide bugs behind zeros)."""
-    fields = dict(block_size=4, vocab_size=37, model_length=16, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=4)
+    fields = dict(block_size=4, vocab_size=37, model_length=16, hidden_dim=32, cond_dim=16, n_layers=2, n_heads=4)
     fields.update(overrides)
     torch.manual_seed(seed)
     model = bd3lm.BD3LM(bd3lm.BD3LMConfig(**fields))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bd3lm
+from tokenizer import get_tokenizer
 import prepare
 from conftest import REFERENCE, random_model
 
@@ -91,7 +92,7 @@ def test_wordpiece_matches_bert_tokenizer():
     if not os.path.exists(LM1B_CKPT):
         pytest.skip('shared LM1B fixture not next to this checkout')
     model = bd3lm.BD3LM.from_pretrained(LM1B_CKPT)
-    enc = bd3lm.get_tokenizer(model)
+    enc = get_tokenizer(model)
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, 'vocab.txt'), 'w') as f:
@@ -106,12 +107,12 @@ def test_wordpiece_matches_bert_tokenizer():
 @pytest.mark.parametrize('kind', ['gpt2', 'wordpiece'])
 def test_text_stream_adds_up_to_the_completion(kind):
     if kind == 'gpt2':
-        enc = bd3lm.get_tokenizer()
+        enc = get_tokenizer()
         prompt, new = enc.encode('Prompt:'), enc.encode(' naïve café 日本語 😀 done.\n and more')
     else:
         if not os.path.exists(LM1B_CKPT):
             pytest.skip('shared LM1B fixture not next to this checkout')
-        enc = bd3lm.get_tokenizer(bd3lm.BD3LM.from_pretrained(LM1B_CKPT))
+        enc = get_tokenizer(bd3lm.BD3LM.from_pretrained(LM1B_CKPT))
         # '##ing' continues the prompt's last word, '##ed' a generated one, punctuation is cleaned up
         prompt, new = enc.encode('zorblick'), [279, 136, 105, 109, 278, 150, 104, 122, 106, 102, 164]
     for size in (1, 2, 3):  # blocks that split characters (GPT-2 bytes) and words ('##' pieces)
@@ -172,7 +173,7 @@ def test_wordpiece_dataset_trains_a_model_with_the_vocabulary(docs, tmp_path):
     fields = prepare.model_config_fields(prepare.read_meta(str(tmp_path / 'z')))
     assert fields['vocab_size'] == 281                             # [MASK] inside: nothing appended
     out = subprocess.run([sys.executable, 'train.py', f'--data_dir={tmp_path}', '--dataset=z', f'--out_dir={tmp_path / "o"}',
-                          '--block_size=4', '--model_length=16', '--n_blocks=1', '--n_heads=2', '--hidden_dim=16',
+                          '--block_size=4', '--model_length=16', '--n_layers=1', '--n_heads=2', '--hidden_dim=16',
                           '--cond_dim=8', '--batch_size=4', '--max_iters=3', '--eval_interval=3', '--eval_iters=1',
                           '--clip_search_iters=1', '--num_samples=1', '--sample_tokens=8', '--max_minutes=0'],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -49,7 +49,7 @@ def test_compiled_training_step_is_one_graph_and_equals_eager(dtype):
 def test_train_py_compile_bf16_has_no_graph_break_and_learns(data_dir, tmp_path):
     env = {**os.environ, 'TORCH_LOGS': 'graph_breaks,recompiles'}
     out = subprocess.run([sys.executable, 'train.py', '--compile=True', '--dtype=bfloat16', f'--data_dir={data_dir}',
-                          '--dataset=tiny', f'--out_dir={tmp_path}', '--block_size=4', '--model_length=32', '--n_blocks=2',
+                          '--dataset=tiny', f'--out_dir={tmp_path}', '--block_size=4', '--model_length=32', '--n_layers=2',
                           '--n_heads=2', '--hidden_dim=64', '--cond_dim=16', '--batch_size=4', '--max_iters=30',
                           '--eval_interval=15', '--eval_iters=1', '--clip_search_iters=1', '--num_samples=0',
                           '--log_interval=10', '--max_minutes=0'], capture_output=True, text=True, cwd=ROOT, env=env,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bd3lm
+from tokenizer import get_tokenizer
 import prepare
 from conftest import random_model
 
@@ -154,7 +155,7 @@ def test_sample_py_gen_ppl_equals_a_slow_per_token_loop(judge, tmp_path):
 
 
 def test_generated_eos_stays_in_the_judge_s_text_as_context():
-    enc = bd3lm.get_tokenizer()
+    enc = get_tokenizer()
     prompt, row = [50256] + enc.encode('Once'), enc.encode(' upon') + [50256] + enc.encode(' a time')
     assert enc.completion(prompt, row) == ' upon a time'
     assert enc.completion(prompt, row, keep_special=True) == ' upon<|endoftext|> a time'
@@ -188,7 +189,7 @@ def test_retry_degenerate_redraws_a_repeated_sample_and_keeps_a_fresh_one(tmp_pa
                                         '--retry_degenerate=True', f'--out_file={tmp_path / "g.json"}'], fake_generate)
     result = json.loads((tmp_path / 'g.json').read_text())
     assert calls == [2, 1] and result['redrawn'] == 1
-    assert len(set(bd3lm.get_tokenizer().encode(result['samples'][0]))) > 100      # the fresh draw was kept
+    assert len(set(get_tokenizer().encode(result['samples'][0]))) > 100      # the fresh draw was kept
     assert result['nfe'] == 600 and result['nfe_per_sample'] == [600, 300]
 
     calls.clear()

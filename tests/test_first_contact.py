@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import bd3lm
+import checkpoints
 from conftest import random_model, random_tokens
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
-TINY = ['--block_size=4', '--model_length=16', '--n_blocks=1', '--n_heads=2', '--hidden_dim=16', '--cond_dim=8',
+TINY = ['--block_size=4', '--model_length=16', '--n_layers=1', '--n_heads=2', '--hidden_dim=16', '--cond_dim=8',
         '--batch_size=4', '--eval_iters=1', '--clip_search_iters=1', '--num_samples=0', '--max_minutes=0',
         '--log_interval=1', '--warmup_iters=1']
 
@@ -203,7 +204,7 @@ def test_kill_during_save_leaves_checkpoint_and_model_from_the_same_iteration(da
         time.sleep(rng.uniform(4.0, 7.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        bd3lm.recover_folder(str(tmp_path))     # what train.py does first on its next start
+        checkpoints.recover_folder(str(tmp_path))     # what train.py does first on its next start
         assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp') or n == '.saving']
         if not (tmp_path / 'ckpt.pt').exists():
             continue

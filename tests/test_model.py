@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import bd3lm
+import checkpoints
+import tokenizer
+from tokenizer import get_tokenizer
 from conftest import random_model, random_tokens
 
 CONFIGS = [dict(block_size=1), dict(block_size=4), dict(block_size=8), dict(block_size=16),  # 16 = context
@@ -179,7 +182,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match='not a multiple of block_size'):
         bd3lm.BD3LMConfig(block_size=5, model_length=16)
     with pytest.raises(ValueError, match='unknown config keys'):
-        bd3lm.BD3LMConfig.from_dict({'block_size': 4, 'hidden_size': 3})
+        checkpoints.config_from_json({'block_size': 4, 'hidden_size': 3})
 
 
 def test_checkpoint_that_does_not_fit_lists_the_problem(tmp_path):
@@ -226,8 +229,8 @@ def test_missing_source_is_a_clear_error(tmp_path):
 # --- tokenizer ------------------------------------------------------------------------------------
 
 def test_tokenizer_is_gpt2_offline():
-    enc = bd3lm.get_tokenizer()
-    assert enc.tiktoken.n_vocab == 50257 and enc.tiktoken.eot_token == bd3lm.EOS_ID == bd3lm.BOS_ID == 50256
+    enc = get_tokenizer()
+    assert enc.tiktoken.n_vocab == 50257 and enc.tiktoken.eot_token == tokenizer.EOS_ID == tokenizer.BOS_ID == 50256
     assert (enc.bos_id, enc.eos_id, enc.mask_id) == (50256, 50256, 50257)
     ids = enc.encode('Hello world, block diffusion!')
     assert ids[:2] == [15496, 995]                      # GPT-2's ids for 'Hello', ' world'

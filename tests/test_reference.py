@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bd3lm
+import checkpoints
 from conftest import REFERENCE
 
 
@@ -36,7 +37,7 @@ def test_sampling_interval_is_kept_from_the_file(reference):
 
 def test_lightning_uses_ema_not_raw_weights(reference):
     # state_dict in the fixture holds perturbed raw weights; only the EMA weights reproduce the outputs.
-    raw = bd3lm._read_lightning(os.path.join(REFERENCE, 'lightning.ckpt'))['state_dict']
+    raw = checkpoints.read_lightning(os.path.join(REFERENCE, 'lightning.ckpt'))['state_dict']
     ema = bd3lm.BD3LM.from_pretrained(os.path.join(REFERENCE, 'lightning.ckpt')).state_dict()
     assert not torch.equal(raw['backbone.blocks.0.attn_qkv.weight'], ema['blocks.0.attn_qkv.weight'])
 

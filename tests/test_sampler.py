@@ -32,7 +32,7 @@ def test_cached_equals_uncached_even_past_model_length(steps, P):
 def test_window_matters_past_model_length():
     # Beyond model_length the sliding window really drops old blocks: a change in the first block no
     # longer changes the logits of a block n_layers windows later.
-    model = random_model(block_size=4, model_length=8, n_blocks=1)
+    model = random_model(block_size=4, model_length=8, n_layers=1)
     x = torch.randint(0, 36, (1, 24))
     y = x.clone()
     y[:, 1] = (y[:, 1] + 1) % 36

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bd3lm
+from tokenizer import get_tokenizer
 from conftest import random_model
 
 openai = pytest.importorskip('openai', reason='pip install -e ".[test]"')
@@ -53,7 +54,7 @@ def test_completion_and_models(client, server):
     r = client.completions.create(model='bd3lm', prompt='Once upon a time,', max_tokens=12, temperature=0.5, seed=1)
     assert r.object == 'text_completion' and len(r.choices) == 1
     assert r.choices[0].finish_reason in ('length', 'stop') and r.choices[0].text
-    assert r.usage.prompt_tokens == 1 + len(bd3lm.get_tokenizer().encode('Once upon a time,'))
+    assert r.usage.prompt_tokens == 1 + len(get_tokenizer().encode('Once upon a time,'))
     assert 0 < r.usage.completion_tokens <= 12
     assert [m.id for m in client.models.list().data] == [server[1]]
 
@@ -87,7 +88,7 @@ def test_stop_ends_the_text_before_the_stop_string(client):
 
 
 def test_token_id_prompts_and_extra_fields(client):
-    ids = bd3lm.get_tokenizer().encode('Token ids')
+    ids = get_tokenizer().encode('Token ids')
     a = client.completions.create(model='m', prompt=ids, max_tokens=8, seed=2, extra_body={'steps': 2, 'kv_cache': False})
     b = client.completions.create(model='m', prompt='Token ids', max_tokens=8, seed=2, extra_body={'steps': 2})
     assert a.choices[0].text == b.choices[0].text            # cached == uncached, ids == text
@@ -159,7 +160,7 @@ def completion(client, i, stream=False, **extra):
 @pytest.mark.parametrize('extra', [{}, {'extra_body': {'threshold': 0.02}}, {'extra_body': {'steps': 2}}])
 def test_concurrent_requests_with_different_prompt_lengths_match_their_lone_runs(client, server, extra):
     import concurrent.futures
-    lengths = {len(bd3lm.get_tokenizer().encode(p)) for p in PROMPTS}
+    lengths = {len(get_tokenizer().encode(p)) for p in PROMPTS}
     assert len(lengths) == 8                                            # eight different prompt lengths
     alone = [completion(client, i, **extra) for i in range(8)]
     calls = health(server[0])['model_calls']
@@ -259,7 +260,7 @@ def test_engine_rows_equal_generate_alone_in_float64(rule, monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['serve.py'])              # serve.py reads its flags when imported
     import serve
     model = random_model(vocab_size=50258, block_size=4, model_length=16, hidden_dim=32, n_heads=2).double()
-    serve.model, serve.tokenizer, serve.device, serve.max_batch = model, bd3lm.get_tokenizer(model), 'cpu', 8
+    serve.model, serve.tokenizer, serve.device, serve.max_batch = model, get_tokenizer(model), 'cpu', 8
     g = torch.Generator().manual_seed(0)
     prompts = [[50256] + torch.randint(0, 50000, (n,), generator=g).tolist() for n in (0, 2, 3, 4, 6, 7, 9, 12)]
     lengths = [30, 11, 25, 40, 17, 33, 22, 8]

@@ -8,10 +8,12 @@ import numpy as np
 import torch
 
 import bd3lm
+import tokenizer
+from tokenizer import get_tokenizer
 from conftest import random_model
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
-TINY = ['--block_size=4', '--model_length=32', '--n_blocks=1', '--n_heads=2', '--hidden_dim=32', '--cond_dim=16',
+TINY = ['--block_size=4', '--model_length=32', '--n_layers=1', '--n_heads=2', '--hidden_dim=32', '--cond_dim=16',
         '--batch_size=4', '--eval_iters=2', '--clip_search_iters=1', '--num_samples=1', '--sample_tokens=8',
         '--log_interval=1', '--warmup_iters=2', '--max_minutes=0']
 
@@ -28,8 +30,8 @@ def test_prepare_writes_eos_separated_uint16_tokens(data_dir):
     meta = json.load(open(os.path.join(data_dir, 'tiny', 'meta.json')))
     train = np.fromfile(os.path.join(data_dir, 'tiny', 'train.bin'), dtype=np.uint16)
     assert meta['train_tokens'] == len(train) > 1000 and meta['val_tokens'] > 100
-    assert train[-1] == bd3lm.EOS_ID and (train == bd3lm.EOS_ID).sum() >= 2
-    text = bd3lm.get_tokenizer().decode(train[:50].tolist())
+    assert train[-1] == tokenizer.EOS_ID and (train == tokenizer.EOS_ID).sum() >= 2
+    text = get_tokenizer().decode(train[:50].tolist())
     assert meta['format'] == 'wrapped' and meta['tokenizer'] == 'gpt2' and meta['bos_id'] == 50256
     assert text.isprintable() or '\n' in text
 
@@ -81,7 +83,7 @@ def test_out_dir_loads_with_from_pretrained_and_holds_the_ema_weights(data_dir, 
 
 
 def test_training_on_the_embedded_corpus_lowers_held_out_nelbo(tmp_path):
-    proc = run_train('--block_size=16', '--model_length=64', '--n_blocks=2', '--hidden_dim=64', '--cond_dim=32',
+    proc = run_train('--block_size=16', '--model_length=64', '--n_layers=2', '--hidden_dim=64', '--cond_dim=32',
                      '--batch_size=8', '--max_iters=60', '--eval_interval=60', '--eval_iters=4', '--lr_decay_iters=60',
                      '--warmup_iters=5', '--clip_search=False', '--num_samples=0', '--max_minutes=0',
                      f'--out_dir={tmp_path}')
@@ -100,7 +102,7 @@ def test_two_process_gloo_torchrun_smoke(data_dir, tmp_path):
 
 
 def test_fine_tuning_changes_block_size_and_keeps_weights(data_dir, tmp_path):
-    random_model(block_size=32, model_length=32, vocab_size=50258, n_blocks=1, n_heads=2, hidden_dim=32,
+    random_model(block_size=32, model_length=32, vocab_size=50258, n_layers=1, n_heads=2, hidden_dim=32,
                  cond_dim=16).save_pretrained(tmp_path / 'mdlm')
     run_train(*TINY, f'--data_dir={data_dir}', '--dataset=tiny', f'--init_from={tmp_path / "mdlm"}',
               f'--out_dir={tmp_path / "ft"}', '--max_iters=1', '--eval_interval=100', '--ema=0', '--learning_rate=0')
