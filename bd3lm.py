@@ -1,5 +1,5 @@
 """
-Block diffusion language model (BD3-LM), all of it in this single file.
+Block diffusion language model (BD3-LM): the method, all of it in this single file.
 
 Arriola et al., "Block Diffusion: Interpolating Between Autoregressive and Diffusion Language
 Models", ICLR 2025 (arXiv 2503.09573). A sequence of L tokens is cut into blocks of `block_size`.
@@ -7,25 +7,92 @@ Blocks are produced left to right; inside a block, tokens come out of masked dis
 block_size = 1 is autoregressive-like, block_size = L is MDLM.
 
 Read top to bottom:
-  1. layers         the DiT-style transformer pieces (rotary attention, adaLN blocks)
-  2. config, model  BD3LMConfig and BD3LM; the training pass sees cat([xt, x0]) (length 2L)
-  3. masks          the block-diffusion attention mask and the block-causal mask
+  1. config         BD3LMConfig: the model's shape and special tokens
+  2. layers         the DiT-style transformer pieces (rotary attention, adaLN blocks)
+  3. masks          the block-diffusion training mask and the block-causal inference mask
   4. noise          schedules, clipped intervals, the forward (masking) process
-  5. loss           the NELBO with the SUBS parameterization, and the clipped-schedule search
-  6. sampler        block-by-block generation with an exact KV cache
-  7. loading        from_pretrained / save_pretrained (the file formats live in checkpoints.py,
-                    the tokenizers in tokenizer.py)
+  5. model          BD3LM: the training pass over cat([xt, x0]) (length 2L), the inference pass, the NELBO
+  6. search         the clipped ("data-driven") schedule: the interval that minimises the NELBO's variance
+  7. sampler        Alg. 2: block by block with an exact KV cache; unmasking rules registered in RULES
+Beside it: checkpoints.py (file formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), engine.py (the
+per-row batching that serve.py runs).
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. Layers
+# 1. Config
+
+@dataclass
+class BD3LMConfig:
+    """Model shape and special tokens, with the field names of the released config.json."""
+    block_size: int = 16
+    vocab_size: int = 50258        # GPT-2's 50257 tokens + 1 mask token
+    model_length: int = 1024       # training context L (and the sliding window when sampling)
+    hidden_dim: int = 768
+    cond_dim: int = 128
+    n_layers: int = 12             # transformer layers (config.json calls it n_blocks)
+    n_heads: int = 12
+    dropout: float = 0.1
+    adaln: bool = True
+    time_conditioning: bool = False
+    # The special tokens and the tokenizer belong to the model. Defaults: the released GPT-2 convention,
+    # where the tokenizer's last token is <|endoftext|> (BOS = EOS = 50256) and the mask token is appended
+    # after it (50257). A BERT WordPiece model (LM1B) has its own [MASK]/[CLS]/[SEP] inside the vocabulary.
+    tokenizer: str = 'gpt2'        # 'gpt2' (tiktoken BPE) or 'wordpiece' (uncased; vocab.txt beside the weights)
+    mask_id: int = None            # default: vocab_size - 1
+    bos_id: int = None             # default: vocab_size - 2
+    eos_id: int = None             # default: vocab_size - 2
+
+    TOKENIZERS = ('gpt2', 'wordpiece')
+
+    def __post_init__(self):
+        problems = []
+        for f in fields(self):  # strict types: "false" is not False, 50257.0 is not a token id
+            value = getattr(self, f.name)
+            if value is None and f.name.endswith('_id'):
+                continue
+            ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[f.type](value)
+            if not ok:
+                problems.append(f'{f.name} must be a {f.type.__name__}, got {value!r} ({type(value).__name__})')
+        if problems:
+            raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
+        for name in ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_layers', 'n_heads'):
+            if getattr(self, name) <= 0:
+                problems.append(f'{name} must be a positive integer, got {getattr(self, name)!r}')
+        if not problems:
+            if self.mask_id is None:
+                self.mask_id = self.vocab_size - 1
+            for name in ('bos_id', 'eos_id'):
+                if getattr(self, name) is None:
+                    setattr(self, name, max(self.vocab_size - 2, 0))
+            if self.model_length % self.block_size:
+                problems.append(f'model_length={self.model_length} is not a multiple of block_size={self.block_size}; '
+                                f'choose a block_size that divides it')
+            if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
+                problems.append(f'hidden_dim={self.hidden_dim} must split into n_heads={self.n_heads} heads of even size')
+            for name in ('mask_id', 'bos_id', 'eos_id'):
+                if not 0 <= getattr(self, name) < self.vocab_size:
+                    problems.append(f'{name}={getattr(self, name)} must be a token id below vocab_size={self.vocab_size}')
+        if not 0 <= self.dropout < 1:
+            problems.append(f'dropout must be in [0, 1), got {self.dropout}')
+        if self.tokenizer not in self.TOKENIZERS:
+            problems.append(f'tokenizer must be one of {self.TOKENIZERS}, got {self.tokenizer!r}')
+        if problems:
+            raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
+
+
+# -----------------------------------------------------------------------------
+# 2. Layers
 
 class LayerNorm(nn.Module):
     """Bias-free LayerNorm, computed in float32 whatever the input dtype."""
@@ -96,67 +163,6 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-class KVCache:
-    """Keys and values of finished clean blocks, one buffer per layer, preallocated once.
-
-    Each row's buffer holds `window` = model_length positions as a ring of window // block_size slots.
-    The block being denoised writes its keys into the slot the row's next finished block will occupy;
-    once the ring is full that slot is the oldest block, which is exactly the block that leaves the
-    sliding window. So attention is over the row's valid slots, and nothing is ever copied. Keys are
-    stored with rotary already applied at absolute positions. Rows keep their own count of finished
-    blocks, so rows at different places in their text (a server's requests) share one cache; when the
-    counts differ, the rows' unfilled slots are masked out.
-    """
-
-    def __init__(self, n_layers, batch_size, n_heads, window, head_dim, block_size, device, dtype):
-        shape = (n_layers, batch_size, n_heads, window, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size = block_size
-        self.n_slots = window // block_size
-        self.n_committed = torch.zeros(batch_size, dtype=torch.long)  # finished blocks written, per row (on the host)
-
-    def commit(self, rows=None):
-        """The block just passed through the model (clean) is now part of the prefix of `rows` (a (B,) bool;
-        default: every row)."""
-        self.n_committed[slice(None) if rows is None else rows.cpu()] += 1
-
-    def rows(self, start, stop):
-        """The cache of rows start..stop-1, sharing this one's storage and counts (a server's batch is the
-        first rows of a cache allocated once; a joining request prefills its own row)."""
-        view = object.__new__(KVCache)
-        view.__dict__.update(self.__dict__)
-        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.n_committed = self.n_committed[start:stop]
-        return view
-
-    def plan(self, device):
-        """Where each row's block goes in this pass and what it may attend to, worked out once per pass on
-        the host (plain ints when rows agree, so a compiled pass sees constants, not data-dependent values)."""
-        bs, counts = self.block_size, self.n_committed.tolist()
-        starts = [(n % self.n_slots) * bs for n in counts]
-        valid = [min(n + 1, self.n_slots) * bs for n in counts]
-        index = None if len(set(starts)) == 1 else (
-            torch.tensor(starts, device=device)[:, None] + torch.arange(bs, device=device))          # (B, bs)
-        mask = None if len(set(valid)) == 1 else (
-            torch.arange(max(valid), device=device) < torch.tensor(valid, device=device)[:, None])
-        self._plan = starts[0], max(valid), index, None if mask is None else mask[:, None, None, :]
-
-    def update(self, layer, k, v):
-        """Write this block's keys and values (B, H, bs, head_dim) into each row's slot (as planned for this
-        pass); return the keys and values to attend to and a (B, 1, 1, n) mask, or None when every row has
-        the same valid slots."""
-        start, n_valid, index, mask = self._plan
-        if index is None:
-            self.k[layer, :, :, start:start + self.block_size] = k
-            self.v[layer, :, :, start:start + self.block_size] = v
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[layer][rows, :, index] = k.transpose(1, 2)     # (B, bs, H, head_dim) at each row's slot
-            self.v[layer][rows, :, index] = v.transpose(1, 2)
-        return self.k[layer, :, :, :n_valid], self.v[layer, :, :, :n_valid], mask
-
-
 class DDiTBlock(nn.Module):
     """Transformer block: packed-qkv rotary attention and a GELU-tanh MLP, both adaLN-modulated."""
 
@@ -219,71 +225,152 @@ class DDiTFinalLayer(nn.Module):
         return self.linear(x)
 
 # -----------------------------------------------------------------------------
-# 2. Config and model
+# 3. Masks
 
-@dataclass
-class BD3LMConfig:
-    """Model shape and special tokens, with the field names of the released config.json."""
-    block_size: int = 16
-    vocab_size: int = 50258        # GPT-2's 50257 tokens + 1 mask token
-    model_length: int = 1024       # training context L (and the sliding window when sampling)
-    hidden_dim: int = 768
-    cond_dim: int = 128
-    n_layers: int = 12             # transformer layers (config.json calls it n_blocks)
-    n_heads: int = 12
-    dropout: float = 0.1
-    adaln: bool = True
-    time_conditioning: bool = False
-    # The special tokens and the tokenizer belong to the model. Defaults: the released GPT-2 convention,
-    # where the tokenizer's last token is <|endoftext|> (BOS = EOS = 50256) and the mask token is appended
-    # after it (50257). A BERT WordPiece model (LM1B) has its own [MASK]/[CLS]/[SEP] inside the vocabulary.
-    tokenizer: str = 'gpt2'        # 'gpt2' (tiktoken BPE) or 'wordpiece' (uncased; vocab.txt beside the weights)
-    mask_id: int = None            # default: vocab_size - 1
-    bos_id: int = None             # default: vocab_size - 2
-    eos_id: int = None             # default: vocab_size - 2
+def block_diff_mask_mod(q, kv, L, block_size):
+    """The block-diffusion training mask (Sec. 3.2, Fig. 2) over cat([xt, x0]) of length 2L.
+    True = may attend. With b(i) the block index of position i within its half:
+      M_BD  block-diagonal:        xt -> xt   when b(q) == b(kv)  (a noisy block sees itself)
+      M_OBC offset block-causal:   xt -> x0   when b(q) >  b(kv)  (and the clean blocks before it)
+      M_BC  block-causal:          x0 -> x0   when b(q) >= b(kv)  (clean blocks, as in AR decoding)
+    Clean tokens never look at noisy ones."""
+    q_clean, kv_clean = q >= L, kv >= L
+    q_block = torch.where(q_clean, q - L, q) // block_size
+    kv_block = torch.where(kv_clean, kv - L, kv) // block_size
+    block_diagonal = (q_block == kv_block) & ~q_clean & ~kv_clean
+    offset_block_causal = (q_block > kv_block) & ~q_clean & kv_clean
+    block_causal = (q_block >= kv_block) & q_clean & kv_clean
+    return block_diagonal | offset_block_causal | block_causal
 
-    TOKENIZERS = ('gpt2', 'wordpiece')
 
-    def __post_init__(self):
-        problems = []
-        for f in fields(self):  # strict types: "false" is not False, 50257.0 is not a token id
-            value = getattr(self, f.name)
-            if value is None and f.name.endswith('_id'):
-                continue
-            ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-                  float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-                  bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[f.type](value)
-            if not ok:
-                problems.append(f'{f.name} must be a {f.type.__name__}, got {value!r} ({type(value).__name__})')
-        if problems:
-            raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
-        for name in ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_layers', 'n_heads'):
-            if getattr(self, name) <= 0:
-                problems.append(f'{name} must be a positive integer, got {getattr(self, name)!r}')
-        if not problems:
-            if self.mask_id is None:
-                self.mask_id = self.vocab_size - 1
-            for name in ('bos_id', 'eos_id'):
-                if getattr(self, name) is None:
-                    setattr(self, name, max(self.vocab_size - 2, 0))
-            if self.model_length % self.block_size:
-                problems.append(f'model_length={self.model_length} is not a multiple of block_size={self.block_size}; '
-                                f'choose a block_size that divides it')
-            if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
-                problems.append(f'hidden_dim={self.hidden_dim} must split into n_heads={self.n_heads} heads of even size')
-            for name in ('mask_id', 'bos_id', 'eos_id'):
-                if not 0 <= getattr(self, name) < self.vocab_size:
-                    problems.append(f'{name}={getattr(self, name)} must be a token id below vocab_size={self.vocab_size}')
-        if not 0 <= self.dropout < 1:
-            problems.append(f'dropout must be in [0, 1), got {self.dropout}')
-        if self.tokenizer not in self.TOKENIZERS:
-            problems.append(f'tokenizer must be one of {self.TOKENIZERS}, got {self.tokenizer!r}')
-        if problems:
-            raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
+def block_causal_mask_mod(q, kv, block_size, window):
+    """The inference mask: each block sees itself and earlier blocks, at most `window` tokens in all
+    (the sliding window used past the training context; blocks are aligned at position 0)."""
+    q_block, kv_block = q // block_size, kv // block_size
+    return (q_block >= kv_block) & (q_block - kv_block < window // block_size)
 
+
+def block_diff_mask(L, block_size, device=None):
+    """(2L, 2L) boolean block-diffusion mask; see block_diff_mask_mod."""
+    idx = torch.arange(2 * L, device=device)
+    return block_diff_mask_mod(idx[:, None], idx[None, :], L, block_size)
+
+
+def block_causal_mask(T, block_size, window=None, device=None):
+    """(T, T) boolean block-causal mask, banded to `window` tokens if given."""
+    idx = torch.arange(T, device=device)
+    return block_causal_mask_mod(idx[:, None], idx[None, :], block_size, window or T + block_size)
+
+# -----------------------------------------------------------------------------
+# 4. Noise: schedules, clipped intervals, the forward process
+
+EPS = 1e-3                    # the smallest noise level: the loglinear weight 1/t stays finite
+FULL_INTERVAL = (EPS, 1.0)    # t ~ U[1e-3, 1]: the unclipped schedule, whose NELBO bounds the NLL
+
+# A schedule maps t (B, L) to (move_chance, weight): the probability 1 - alpha_t that a token is masked at
+# time t, and the NELBO weight -alpha_t' / (1 - alpha_t) on a masked token's -log p (Eq. 10). Register a
+# new one in SCHEDULES; model.nelbo(schedule=...) and train.py --noise_schedule then take it by name.
+
+
+def loglinear(t):             # alpha_t = 1 - t: the paper's default, weight 1/t
+    return t, 1 / t
+
+
+def power(p):                 # alpha_t = 1 - t^p (the paper's 'square' and 'square_root' ablations, Table 7)
+    def schedule(t):
+        move_chance = (t ** p).clamp(min=EPS)
+        return move_chance, p * t ** (p - 1) / move_chance
+    return schedule
+
+
+def log_schedule(t):          # 1 - alpha_t = log2(1 + t)
+    move_chance = torch.log1p(t) / math.log(2)
+    return move_chance, 1 / (move_chance * math.log(2) * (1 + t))
+
+
+def cosine(t):                # 1 - alpha_t = 1 - (1 - eps) cos(pi t / 2) >= eps, so the weight stays finite
+    move_chance = 1 - (1 - EPS) * torch.cos(t * math.pi / 2)
+    return move_chance, (1 - EPS) * torch.sin(t * math.pi / 2) * (math.pi / 2) / move_chance
+
+
+SCHEDULES = {'loglinear': loglinear, 'square': power(2.0), 'square_root': power(0.5), 'log': log_schedule,
+             'cosine': cosine}
+
+
+def noise_schedule(t, kind='loglinear'):
+    """(move_chance, weight) of the schedule named `kind` at noise levels t."""
+    if kind not in SCHEDULES:
+        raise ValueError(f'unknown noise schedule {kind!r}; choose one of {list(SCHEDULES)} (bd3lm.SCHEDULES)')
+    return SCHEDULES[kind](t)
+
+
+def sigma_from_move_chance(p, eps=EPS):
+    """Total noise sigma = -log(1 - p), capped at the loglinear schedule's maximum -log(eps)."""
+    return torch.minimum(-torch.log1p(-p), torch.tensor(-math.log(eps), device=p.device))
+
+
+def sample_t(batch_size, n_blocks, beta=EPS, omega=1.0, antithetic=True, device=None, generator=None):
+    """One noise level per block, t ~ U[beta, omega] (Sec. 5.2). Antithetic: the B * n_blocks draws are
+    stratified over [0, 1) (one uniform in each of B * n_blocks equal bins), lowering the variance."""
+    if not 0 < beta <= omega <= 1:
+        raise ValueError(f'the noise interval must satisfy 0 < beta <= omega <= 1, got [{beta}, {omega}]')
+    u = torch.rand(batch_size, n_blocks, device=device, generator=generator)
+    if antithetic:
+        n = batch_size * n_blocks
+        u = (u / n + torch.arange(n, device=device).view(batch_size, n_blocks) / n) % 1
+    return beta + (omega - beta) * u
+
+
+def q_xt(x0, move_chance, mask_id, block_size, interval=None, generator=None, max_tries=100):
+    """The forward process: each token independently becomes mask_id with probability move_chance.
+    Position 0 (BOS) is never masked.
+
+    interval=(beta, omega): the paper's resampling, so that every block's masked fraction lies in
+    [beta, omega]. As in bd3lms, a bound at the end of the schedule (beta = 1e-3 or omega = 1) is not
+    enforced: with [1e-3, omega] only blocks with too many masks are redrawn, so a block may stay clean.
+    Offending blocks are redrawn at most max_tries times; blocks still out of range after that get a
+    random subset of tokens masked/unmasked to the nearest reachable count, so the loop always ends. An
+    interval with no reachable count for this block size is an error."""
+    u = torch.rand(x0.shape, device=x0.device, generator=generator)
+    masked = u <= move_chance
+    if interval is not None and block_size > 1:
+        beta, omega = interval
+        lo = 0 if beta <= EPS else math.ceil(beta * block_size - 1e-9)
+        hi = block_size if omega >= 1 else math.floor(omega * block_size + 1e-9)
+        if lo > hi:
+            raise ValueError(f'no block of {block_size} tokens can have a masked fraction in [{beta}, {omega}]; '
+                             f'widen the interval or turn resampling off')
+        B, L = x0.shape
+        for _ in range(max_tries):
+            counts = masked.view(B, -1, block_size).sum(-1)
+            bad = ((counts < lo) | (counts > hi)).repeat_interleave(block_size, dim=1)
+            if not bad.any():
+                break
+            u = torch.rand(x0.shape, device=x0.device, generator=generator)
+            masked = torch.where(bad, u <= move_chance, masked)
+        else:
+            masked = _force_mask_count(masked.view(B, -1, block_size), lo, hi, generator).view(B, L)
+    masked[:, 0] = False
+    return torch.where(masked, mask_id, x0)
+
+
+def _force_mask_count(masked, lo, hi, generator):
+    # Per block, keep the k = clamp(count, lo, hi) positions ranked first by random priority, putting
+    # already-masked positions first so that in-range blocks are unchanged.
+    k = masked.sum(-1, keepdim=True).clamp(lo, hi)
+    priority = torch.rand(masked.shape, device=masked.device, generator=generator) + masked.float()
+    rank = priority.argsort(-1, descending=True).argsort(-1)
+    return rank < k
+
+# -----------------------------------------------------------------------------
+# 5. The model: two passes and the NELBO
 
 class BD3LM(nn.Module):
     """The DiT backbone. Parameter names follow the released checkpoints (minus their 'backbone.')."""
+
+    # The training pass's attention mask, as a function of (query, key) positions in cat([xt, x0]): a fork
+    # that tries another mask replaces it here (README, "Modify it").
+    train_mask_mod = staticmethod(block_diff_mask_mod)
 
     def __init__(self, config):
         super().__init__()
@@ -310,54 +397,66 @@ class BD3LM(nn.Module):
 
     # --- the two passes ----------------------------------------------------
 
-    def forward(self, xt, x0=None, sigma=None):
+    def forward(self, xt, x0=None, t=None):
         """model(xt, x0): vectorized training pass over cat([xt, x0]) under the block-diffusion mask;
         returns raw logits (B, L, V) for the xt half.
         model(x): inference pass over clean blocks followed by a (partly) masked last block, under the
         block-causal mask; returns raw logits (B, T, V).
-        sigma: (B,) noise level, used only when config.time_conditioning."""
+        t: (B,) noise level, read only when config.time_conditioning."""
         self._check_tokens(xt, 'xt' if x0 is not None else 'x')
+        c = self.cond(t, xt.shape[0])
         if x0 is None:
-            return self.output_layer(self._hidden(xt, sigma), self._cond(xt, sigma, per_token=True))
+            return self.output_layer(self.hidden(xt, c), None if c is None else c[:, None])
         self._check_tokens(x0, 'x0')
         if x0.shape != xt.shape:
             raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
-        h = self._hidden_train(xt, x0, sigma)
-        return self.output_layer(h, self._cond(xt, sigma, per_token=True))
+        return self.output_layer(self.train_hidden(xt, x0, c), None if c is None else c[:, None])
 
-    def _cond(self, x, sigma, per_token=False):
-        # adaLN conditioning vector c: (B, cond_dim), or (B, 1, cond_dim) to broadcast over positions.
-        # Without time conditioning sigma is 0 for every sequence (the released models), so c is a
-        # learned constant. None when the model has no adaLN.
+    def cond(self, t, batch_size):
+        """The adaLN conditioning c (B, cond_dim) for noise level t (B,), a move chance in [0, 1], or None
+        when the model has no adaLN. Without time conditioning (the released models) t is ignored and c
+        is a learned constant: the model is called at sigma = 0."""
         if not self.config.adaln:
             return None
-        if sigma is None or not self.config.time_conditioning:
-            sigma = torch.zeros(x.shape[0], device=x.device)
-        c = F.silu(self.sigma_map(sigma))
-        return c[:, None] if per_token else c
+        device = self.vocab_embed.embedding.device
+        if t is None or not self.config.time_conditioning:
+            sigma = torch.zeros(batch_size, device=device)
+        else:
+            sigma = sigma_from_move_chance(torch.as_tensor(t, device=device).float())
+        return F.silu(self.sigma_map(sigma))
 
-    def _hidden_train(self, xt, x0, sigma):
-        # Both halves use positions 0..L-1: xt[i] and x0[i] are the same position of the same sequence.
+    def train_hidden(self, xt, x0, c):
+        """Hidden states (B, L, D) of xt's half of the training pass. Both halves use positions
+        0..L-1: xt[i] and x0[i] are the same position of the same sequence."""
         L = xt.shape[1]
         x = torch.cat([xt, x0], dim=1)                              # (B, 2L)
         positions = torch.arange(L, device=x.device).repeat(2)      # (2L,)
-        h = self._run(x, positions, self._mask('train', L), self._cond(x, sigma, per_token=True))
-        return h[:, :L]                                             # (B, L, D): only xt's states are scored
+        return self.transformer(x, positions, self.attention_mask('train', L), c)[:, :L]
 
-    def _hidden(self, x, sigma, positions=None, cache=None):
-        # Inference pass. Without a cache: block-causal mask (banded to a sliding window of model_length
-        # when the sequence is longer). With a cache: x is one block attending to the cached prefix.
+    def hidden(self, x, c, positions=None, cache=None):
+        """Inference pass -> hidden states (B, T, D). Without a cache: the block-causal mask (banded to a
+        sliding window of model_length when x is longer). With a cache: x is one block at `positions`
+        ((T,), or (B, T) when rows sit at different places), attending to the cached prefix and itself;
+        its keys and values are written into the cache slot of the rows' next block.
+        x may also be (B, m, T): m versions of each row's block (a speculative round's verify rows), run as
+        B * m rows that each attend to their row's prefix -> (B, m, T, D); c is then (B * m, cond_dim)."""
+        if x.dim() == 3:
+            B, m, T = x.shape
+            if positions is not None and positions.dim() == 2:
+                positions = positions.repeat_interleave(m, 0)
+            cache = None if cache is None else Versions(cache, m)
+            return self.hidden(x.flatten(0, 1), c, positions, cache).unflatten(0, (B, m))
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
-        if cache is not None:
-            cache.plan(x.device)
-        mask = None if cache is not None else self._mask('infer', x.shape[1])
-        return self._run(x, positions, mask, self._cond(x, sigma, per_token=True), cache)
+        mask = None if cache is not None else self.attention_mask('infer', x.shape[1])
+        return self.transformer(x, positions, mask, c, cache)
 
-    def _run(self, x, positions, mask, c, cache=None):
+    def transformer(self, x, positions, mask, c, cache=None):
+        """The transformer body: embedding, rotary, every layer (what sample.py --compile compiles)."""
         h = self.vocab_embed(x)                                     # (B, T, D)
         rotary = self.rotary_emb(positions)
         attn = self._attention(mask)
+        c = None if c is None else c[:, None]                       # (B, 1, cond_dim): every position
         for i, block in enumerate(self.blocks):
             h = block(h, c, rotary, attn, layer=i, cache=cache)
         return h
@@ -370,8 +469,10 @@ class BD3LM(nn.Module):
             return lambda q, k, v: _flex_attention(q, k, v, block_mask=block_mask)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0])
 
-    def _mask(self, kind, L):
-        # Masks are built once and reused: (dense bool, FlexAttention BlockMask or None). The inference
+    def attention_mask(self, kind, L):
+        """(dense bool mask, FlexAttention BlockMask or None) of the 'train' pass over 2L positions or the
+        'infer' pass over L, from train_mask_mod / block_causal_mask_mod."""
+        # Masks are built once and reused. The inference
         # mask of a shorter sequence is the top-left corner of a longer one, so with SDPA one mask serves
         # every length (the uncached sampler asks for a new length every block).
         device = self.vocab_embed.embedding.device
@@ -381,7 +482,7 @@ class BD3LM(nn.Module):
         cached = self._masks.get(key)
         if cached is None or (sliceable and cached[0].shape[0] < L):
             if kind == 'train':
-                mask_mod = lambda b, h, q, kv: block_diff_mask_mod(q, kv, L, bs)
+                mask_mod = lambda b, h, q, kv: self.train_mask_mod(q, kv, L, bs)
                 n = 2 * L
             else:
                 mask_mod = lambda b, h, q, kv: block_causal_mask_mod(q, kv, bs, window)
@@ -446,12 +547,11 @@ class BD3LM(nn.Module):
             self._check_tokens(xt, 'xt')
             if xt.shape != x0.shape:
                 raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
-        sigma = sigma_from_move_chance(move_chance[:, 0]) if self.config.time_conditioning else None
-        h = self._hidden_train(xt, x0, sigma)                          # (B, L, D)
+        c = self.cond(move_chance[:, 0], B)                            # (B, cond_dim) or None
+        h = self.train_hidden(xt, x0, c)                               # (B, L, D)
         # SUBS: unmasked tokens are copied, so they contribute exactly 0 and need no logits.
         masked = xt == self.config.mask_id
         masked[:, 0] = False
-        c = self._cond(x0, sigma)
         if eager:
             # Only the masked positions (about a quarter of the 2L) go through the vocabulary projection.
             rows = masked.nonzero(as_tuple=True)
@@ -499,12 +599,6 @@ class BD3LM(nn.Module):
             raise ValueError('t must lie in (0, 1] (no NaN): the loss weight 1/t is infinite at t = 0')
         return t
 
-    # --- sampling --------------------------------------------------------------
-
-    def generate(self, idx, max_new_tokens, **kwargs):
-        """Generate block by block (Alg. 2); see generate() in the sampler section for the arguments."""
-        return generate(self, idx, max_new_tokens, **kwargs)
-
     # --- loading and saving -------------------------------------------------------
 
     @classmethod
@@ -537,129 +631,7 @@ def _flex_attention(q, k, v, block_mask):
 _compiled_flex = None
 
 # -----------------------------------------------------------------------------
-# 3. Masks
-
-def block_diff_mask_mod(q, kv, L, block_size):
-    """The block-diffusion training mask (Sec. 3.2, Fig. 2) over cat([xt, x0]) of length 2L.
-    True = may attend. With b(i) the block index of position i within its half:
-      M_BD  block-diagonal:        xt -> xt   when b(q) == b(kv)  (a noisy block sees itself)
-      M_OBC offset block-causal:   xt -> x0   when b(q) >  b(kv)  (and the clean blocks before it)
-      M_BC  block-causal:          x0 -> x0   when b(q) >= b(kv)  (clean blocks, as in AR decoding)
-    Clean tokens never look at noisy ones."""
-    q_clean, kv_clean = q >= L, kv >= L
-    q_block = torch.where(q_clean, q - L, q) // block_size
-    kv_block = torch.where(kv_clean, kv - L, kv) // block_size
-    block_diagonal = (q_block == kv_block) & ~q_clean & ~kv_clean
-    offset_block_causal = (q_block > kv_block) & ~q_clean & kv_clean
-    block_causal = (q_block >= kv_block) & q_clean & kv_clean
-    return block_diagonal | offset_block_causal | block_causal
-
-
-def block_causal_mask_mod(q, kv, block_size, window):
-    """The inference mask: each block sees itself and earlier blocks, at most `window` tokens in all
-    (the sliding window used past the training context; blocks are aligned at position 0)."""
-    q_block, kv_block = q // block_size, kv // block_size
-    return (q_block >= kv_block) & (q_block - kv_block < window // block_size)
-
-
-def block_diff_mask(L, block_size, device=None):
-    """(2L, 2L) boolean block-diffusion mask; see block_diff_mask_mod."""
-    idx = torch.arange(2 * L, device=device)
-    return block_diff_mask_mod(idx[:, None], idx[None, :], L, block_size)
-
-
-def block_causal_mask(T, block_size, window=None, device=None):
-    """(T, T) boolean block-causal mask, banded to `window` tokens if given."""
-    idx = torch.arange(T, device=device)
-    return block_causal_mask_mod(idx[:, None], idx[None, :], block_size, window or T + block_size)
-
-# -----------------------------------------------------------------------------
-# 4. Noise: schedules, clipped intervals, the forward process
-
-SCHEDULES = ('loglinear', 'square', 'square_root', 'log', 'cosine')
-EPS = 1e-3                    # the smallest noise level: the loglinear weight 1/t stays finite
-FULL_INTERVAL = (EPS, 1.0)    # t ~ U[1e-3, 1]: the unclipped schedule, whose NELBO bounds the NLL
-
-
-def noise_schedule(t, kind='loglinear', eps=EPS):
-    """Returns (move_chance, weight): the probability 1 - alpha_t that a token is masked at time t, and
-    the NELBO weight -alpha_t' / (1 - alpha_t) on a masked token's -log p (Eq. 10). Loglinear is the
-    default: alpha_t = 1 - t, weight 1/t. The others are the paper's ablations (Table 7)."""
-    if kind == 'loglinear':
-        return t, 1 / t
-    if kind in ('square', 'square_root'):
-        power = 2.0 if kind == 'square' else 0.5
-        move_chance = (t ** power).clamp(min=eps)
-        return move_chance, power * t ** (power - 1) / move_chance
-    if kind == 'log':
-        move_chance = torch.log1p(t) / math.log(2)
-        return move_chance, 1 / (move_chance * math.log(2) * (1 + t))
-    if kind == 'cosine':
-        move_chance = 1 - (1 - eps) * torch.cos(t * math.pi / 2)   # >= eps, so the weight stays finite
-        return move_chance, (1 - eps) * torch.sin(t * math.pi / 2) * (math.pi / 2) / move_chance
-    raise ValueError(f'unknown noise schedule {kind!r}; choose one of {SCHEDULES}')
-
-
-def sigma_from_move_chance(p, eps=EPS):
-    """Total noise sigma = -log(1 - p), capped at the loglinear schedule's maximum -log(eps)."""
-    return torch.minimum(-torch.log1p(-p), torch.tensor(-math.log(eps), device=p.device))
-
-
-def sample_t(batch_size, n_blocks, beta=EPS, omega=1.0, antithetic=True, device=None, generator=None):
-    """One noise level per block, t ~ U[beta, omega] (Sec. 5.2). Antithetic: the B * n_blocks draws are
-    stratified over [0, 1) (one uniform in each of B * n_blocks equal bins), lowering the variance."""
-    if not 0 < beta <= omega <= 1:
-        raise ValueError(f'the noise interval must satisfy 0 < beta <= omega <= 1, got [{beta}, {omega}]')
-    u = torch.rand(batch_size, n_blocks, device=device, generator=generator)
-    if antithetic:
-        n = batch_size * n_blocks
-        u = (u / n + torch.arange(n, device=device).view(batch_size, n_blocks) / n) % 1
-    return beta + (omega - beta) * u
-
-
-def q_xt(x0, move_chance, mask_id, block_size, interval=None, generator=None, max_tries=100):
-    """The forward process: each token independently becomes mask_id with probability move_chance.
-    Position 0 (BOS) is never masked.
-
-    interval=(beta, omega): the paper's resampling, so that every block's masked fraction lies in
-    [beta, omega]. As in bd3lms, a bound at the end of the schedule (beta = 1e-3 or omega = 1) is not
-    enforced: with [1e-3, omega] only blocks with too many masks are redrawn, so a block may stay clean.
-    Offending blocks are redrawn at most max_tries times; blocks still out of range after that get a
-    random subset of tokens masked/unmasked to the nearest reachable count, so the loop always ends. An
-    interval with no reachable count for this block size is an error."""
-    u = torch.rand(x0.shape, device=x0.device, generator=generator)
-    masked = u <= move_chance
-    if interval is not None and block_size > 1:
-        beta, omega = interval
-        lo = 0 if beta <= EPS else math.ceil(beta * block_size - 1e-9)
-        hi = block_size if omega >= 1 else math.floor(omega * block_size + 1e-9)
-        if lo > hi:
-            raise ValueError(f'no block of {block_size} tokens can have a masked fraction in [{beta}, {omega}]; '
-                             f'widen the interval or turn resampling off')
-        B, L = x0.shape
-        for _ in range(max_tries):
-            counts = masked.view(B, -1, block_size).sum(-1)
-            bad = ((counts < lo) | (counts > hi)).repeat_interleave(block_size, dim=1)
-            if not bad.any():
-                break
-            u = torch.rand(x0.shape, device=x0.device, generator=generator)
-            masked = torch.where(bad, u <= move_chance, masked)
-        else:
-            masked = _force_mask_count(masked.view(B, -1, block_size), lo, hi, generator).view(B, L)
-    masked[:, 0] = False
-    return torch.where(masked, mask_id, x0)
-
-
-def _force_mask_count(masked, lo, hi, generator):
-    # Per block, keep the k = clamp(count, lo, hi) positions ranked first by random priority, putting
-    # already-masked positions first so that in-range blocks are unchanged.
-    k = masked.sum(-1, keepdim=True).clamp(lo, hi)
-    priority = torch.rand(masked.shape, device=masked.device, generator=generator) + masked.float()
-    rank = priority.argsort(-1, descending=True).argsort(-1)
-    return rank < k
-
-# -----------------------------------------------------------------------------
-# 5. Loss helpers and the clipped-schedule search
+# 6. The clipped-schedule search
 
 def subs_log_probs(logits, mask_id):
     """SUBS parameterization (Sahoo et al. 2024): the model never predicts the mask token; returns
@@ -711,75 +683,228 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
     return min(variances, key=variances.get), variances
 
 # -----------------------------------------------------------------------------
-# 6. Sampler
+# 7. Sampler (Alg. 2)
 #
-# Alg. 2, block by block: a block starts fully masked (after any prompt tokens it holds) and is denoised
-# by repeated model calls; after each call an unmasking rule says which masked positions to reveal, and
-# they take the token proposed for them, never to change again. The finished block is then written to
-# the KV cache with one more pass (not a denoising call, NFE), and the next block starts. Blocks are
-# aligned at position 0: a prompt whose length is not a multiple of block_size fills the start of its
-# last block. Past model_length tokens every block attends to a sliding window of the last model_length
-# tokens (whole blocks); the uncached path runs the same banded mask, so cached and uncached generation
-# agree token for token (in float64; see README for float32).
+# Block by block: a block starts fully masked (after any prompt tokens it holds) and is denoised by
+# repeated model calls; after each call an unmasking rule says which masked positions to reveal, and they
+# take the token proposed for them, never to change again. The finished block is then written to the KV
+# cache with one more pass (a cache write, not a denoising call), and the next block starts. Blocks are
+# aligned at position 0: a prompt whose length is not a multiple of block_size fills the start of its last
+# block. Past model_length tokens every block attends to a sliding window of the last model_length tokens
+# (whole blocks); the uncached path runs the same banded mask, so cached and uncached generation agree.
+
+class KVCache:
+    """Keys and values of the finished clean blocks, one buffer per layer, preallocated once.
+
+    The buffer holds `window` = model_length positions as a ring of window // block_size slots. The block
+    being denoised writes its keys into the slot the next finished block will occupy; once the ring is full
+    that slot is the oldest block, which is exactly the block that leaves the sliding window. So attention
+    is over the valid slots and nothing is ever copied. Keys are stored with rotary applied at absolute
+    positions. Every row of the batch is at the same block (engine.py keeps a cache whose rows are not).
+
+    The model calls update() once per layer; commit() says that the block just passed in is clean."""
+
+    def __init__(self, n_layers, batch_size, n_heads, window, head_dim, block_size, device, dtype):
+        shape = (n_layers, batch_size, n_heads, window, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size, self.n_slots = block_size, window // block_size
+        self.n_committed = 0                       # finished blocks written so far
+
+    def commit(self):
+        self.n_committed += 1
+
+    def update(self, layer, k, v):
+        """Write this block's keys and values (B, H, bs, head_dim) into its slot; return the keys and
+        values to attend to, and an attention mask (None: every slot returned is valid)."""
+        start = (self.n_committed % self.n_slots) * self.block_size
+        n_valid = min(self.n_committed + 1, self.n_slots) * self.block_size
+        self.k[layer, :, :, start:start + self.block_size] = k
+        self.v[layer, :, :, start:start + self.block_size] = v
+        return self.k[layer, :, :, :n_valid], self.v[layer, :, :, :n_valid], None
+
+
+class Versions:
+    """A cache seen by m versions of each row's block (rows r * m + j) in one pass: each version attends to
+    the row's cached prefix and to itself. The wrapped cache (KVCache, or engine.RowCache) takes one version
+    at a time and its keys are copied out; version 0, the block as it is, is written last and stays in the
+    slot (which only the commit pass's clean keys need to fill)."""
+
+    def __init__(self, cache, m):
+        self.cache, self.m = cache, m
+
+    def update(self, layer, k, v):
+        k, v = k.unflatten(0, (-1, self.m)), v.unflatten(0, (-1, self.m))      # (B, m, H, bs, head_dim)
+        keys, values = [], []
+        for j in reversed(range(self.m)):
+            kj, vj, valid = self.cache.update(layer, k[:, j], v[:, j])
+            keys.insert(0, kj.clone())
+            values.insert(0, vj.clone())
+        valid = None if valid is None else valid.repeat_interleave(self.m, 0)
+        return torch.stack(keys, 1).flatten(0, 1), torch.stack(values, 1).flatten(0, 1), valid
+
+# --- Unmasking rules ------------------------------------------------------------
 #
-# The unmasking rules (one per generate call; their knobs may differ per row):
-#   first-hitting   (default) one masked position per call, chosen uniformly (Zheng et al. 2024): the
-#                   exact sampler of the model's law; each row's clock t <- t u^(1/n_masked) only matters
-#                   for time-conditioned models. Only that position is projected to the vocabulary.
-#   steps=K         K ancestral steps on the loglinear grid t = 1, 1 - 1/K, ..., 1/K (never t = 0): each
-#                   masked token is revealed with probability 1 - s/t. A step that reveals nothing costs
-#                   no call: the previous output is reused (exact without time conditioning).
-#   threshold=tau   every masked position whose confidence exceeds tau, and at least one (Fast-dLLM).
-#   entropy_bound=gamma  positions in order while their summed entropy stays <= gamma, at least one
-#                   (the EB-sampler, Ben-Hamu et al. 2025).
-#   tokens_per_call=k    the k most confident positions (LLaDA's low-confidence remasking).
-# Confidence is the model's own probability p_theta(proposed token | xt) at that position (temperature 1,
-# before nucleus), entropy that of p_theta there; the proposed token itself is drawn with the row's
-# temperature and top_p. `order` says which position comes first: 'uniform' (a random one: with it,
-# threshold=1 and entropy_bound=0 are first-hitting's law), 'confidence' (the most confident) or
-# 'entropy' (the lowest entropy). A time-conditioned model is called with t = the block's masked
-# fraction under the adaptive rules.
+# A rule is a function rule(p, knob) -> reveal: p is the call's Proposal (below), knob (B,) the row's
+# setting, reveal a (B, bs) bool of the masked positions to reveal. Register it in RULES; generate,
+# sample.py --rule and serve.py's "rule" field then take it by name. Optional attributes: `rule.knob`,
+# the knob's (low, high) range (an int low means an integer knob; None: the rule takes no knob), and
+# `rule.order`, the order it ranks positions in (p.priority) and falls back to; the default is
+# 'confidence'. The sampler, not the rule, guarantees progress: a row whose rule reveals nothing reveals
+# its first masked position in that order.
 
 ORDERS = ('uniform', 'confidence', 'entropy')
 
 
-def _top(priority, masked, n):
+def first(priority, masked, n):
     """The n (B,) highest-priority masked positions of each row, as a (B, bs) bool."""
     rank = priority.masked_fill(~masked, -math.inf).argsort(-1, descending=True).argsort(-1)
-    return masked & (rank < n[:, None])
+    n = torch.as_tensor(n, device=masked.device).clamp(max=masked.shape[-1]).long()   # a knob of 1e30 too
+    return masked & (rank < n.view(-1, 1))
 
 
-# Each rule: (confidence, entropy, masked, priority, knob) -> which positions to reveal, (B, bs) bool.
-# confidence, entropy: (B, bs) at every position; masked: (B, bs) still masked; priority: (B, bs) the
-# order's ranking (higher first); knob: (B,) the row's tau / gamma / k. Rows with nothing masked reveal
-# nothing; the others reveal at least one position.
-
-def reveal_threshold(confidence, entropy, masked, priority, tau):
-    return (masked & (confidence > tau[:, None])) | _top(priority, masked, torch.ones_like(tau, dtype=torch.long))
+def first_hitting(p, knob):
+    # One masked position per call, uniformly at random (Zheng et al. 2024): p.uniform is a random order of
+    # the block drawn once per block. The exact sampler of the model's own law; NFE = tokens.
+    j = p.uniform.masked_fill(~p.masked, -1).argmax(-1, keepdim=True)
+    return p.masked & torch.zeros_like(p.masked).scatter_(-1, j, True)
 
 
-def reveal_entropy_bound(confidence, entropy, masked, priority, gamma):
-    ranked = priority.masked_fill(~masked, -math.inf).argsort(-1, descending=True)
-    spent = entropy.gather(-1, ranked).masked_fill(~masked.gather(-1, ranked), math.inf).cumsum(-1)
-    return _top(priority, masked, (spent <= gamma[:, None]).sum(-1).clamp(min=1))
+def steps(p, K):
+    # K ancestral steps on the loglinear grid t = 1, 1 - 1/K, ..., 1/K: a masked token is revealed at step i
+    # with probability 1/(K - i), i.e. each position's reveal step is uniform over the K steps, independent
+    # of the others. Drawn once per block as floor(u K); a call jumps to the next step that reveals anything,
+    # so a block costs at most block_size calls whatever K is (steps that reveal nothing change nothing).
+    step = (p.uniform * K[:, None]).floor()
+    return p.masked & (step == step.masked_fill(~p.masked, math.inf).amin(-1, keepdim=True))
 
 
-def reveal_most_confident(confidence, entropy, masked, priority, k):
-    return _top(confidence, masked, k.long())
+def threshold(p, tau):
+    # Fast-dLLM (Wu et al. 2025): every masked position whose confidence is >= tau; if none is, the most
+    # confident one (the sampler's fallback).
+    return p.masked & (p.confidence >= tau[:, None])
 
 
-ADAPTIVE_RULES = {'threshold': reveal_threshold, 'entropy_bound': reveal_entropy_bound,
-                  'tokens_per_call': reveal_most_confident}
+def entropy_bound(p, gamma):
+    # The EB-sampler (Ben-Hamu et al. 2025): the longest prefix of the masked positions in order (lowest
+    # entropy first) whose entropies sum to at most gamma plus the largest of them: sum H - max H <= gamma.
+    ranked = p.priority.masked_fill(~p.masked, -math.inf).argsort(-1, descending=True)
+    h = p.entropy.gather(-1, ranked).masked_fill(~p.masked.gather(-1, ranked), math.inf)
+    n = (h.cumsum(-1) - h.cummax(-1).values <= gamma[:, None]).sum(-1)
+    return first(p.priority, p.masked, n)
 
+
+def tokens_per_call(p, k):
+    # LLaDA's low-confidence remasking: the k most confident masked positions (first k in the order).
+    return first(p.priority, p.masked, k)
+
+
+first_hitting.knob, first_hitting.order = None, 'uniform'   # never stuck: the order is only nominal
+steps.knob, steps.order = (1, math.inf), 'uniform'
+threshold.knob = (0.0, 1.0)
+entropy_bound.knob, entropy_bound.order = (0.0, math.inf), 'entropy'
+tokens_per_call.knob = (1, math.inf)
+RULES = {'first_hitting': first_hitting, 'steps': steps, 'threshold': threshold,
+         'entropy_bound': entropy_bound, 'tokens_per_call': tokens_per_call}
+
+# --- Speculative sampling: several exact tokens per call ---------------------------
+#
+# First-hitting's law (positions in a uniformly random order drawn once per block, each token from p_theta
+# given what is revealed) costs one call per token, but the calls can be checked ahead: speculative
+# sampling (Leviathan et al. 2023; for any-order models ASSD, Guo & Ermon 2025). A round drafts the next
+# n <= k positions in the order, tokens from q = the previous round's output (stale, which is allowed: any
+# q keeps the law exact), and runs in one call the n + 1 verify rows v_j = the block with the first j
+# drafts written in. Draft j is kept with probability min(1, p/q), p = p_theta(. | v_j) at its position
+# (temperature and top_p apply to both); the first one rejected is redrawn from (p - q)+, and when all are
+# kept v_n gives one more token: 1..n + 1 tokens per call, each drawn from first-hitting's law. With
+# order='entropy' it is the lowest-entropy-first law (entropy_bound, gamma = 0) made parallel: a round
+# also stops where the position v_j's lowest entropy picks is not the drafted one.
+
+def speculative(p, k):
+    v = getattr(p, 'verify', None)        # the round's drafts and verify rows (draft_rows)
+    if v is None:                         # no place to keep drafts (denoise_step without drafts): one token
+        return first(p.priority, p.masked, 1)
+    G, bs = p.masked.shape
+    rows = torch.arange(G, device=p.masked.device)
+    masked, alive = p.masked.clone(), p.masked.any(-1)
+    tokens = torch.zeros(G, bs, dtype=torch.long, device=rows.device)
+    ends = torch.zeros(G, dtype=torch.long, device=rows.device)   # the verify row each row's round ends in
+    for j in range(v.h.shape[1]):
+        pj = p if j == 0 else p.version(v.h[:, j], None if v.c is None else v.c[:, j], masked & alive[:, None])
+        at = first(pj.priority, masked & alive[:, None], 1).double().argmax(-1)     # (G,) the order's pick
+        r = alive.nonzero().flatten()
+        target = pj.law((r, at[r]))                                                # (N, V) p at the pick
+        d, q = v.tokens[r, j], v.q[r, j]                                           # (N,), (N, V)
+        drafted = (j < v.n[r]) & (at[r] == v.pos[r, j])
+        p_d, q_d = target.gather(-1, d[:, None])[:, 0], q.gather(-1, d[:, None])[:, 0]
+        keep = drafted & (v.u_accept[r, at[r]] * q_d < p_d)                 # probability min(1, p/q)
+        residual = torch.where(drafted[:, None], (target - q).clamp(min=0), target)
+        tokens[r, at[r]] = torch.where(keep, d, sample_categorical(residual, p._u[r, at[r]]))
+        masked[r, at[r]] = False
+        ends[r] = j
+        alive[r] = keep
+    p.tokens, p.source = tokens, v.h[rows, ends]         # the last valid verify row drafts the next round
+    return p.masked & ~masked
+
+
+speculative.knob, speculative.order, speculative.orders = (0, math.inf), 'uniform', ('uniform', 'entropy')
+speculative.drafts = True
+RULES['speculative'] = speculative
+
+
+def draft_rows(model, xb, masked, uniform, sampling, c, drafts, generator):
+    """A round's drafts and verify rows for the speculative rows. drafts (B, bs, D): the hidden states of
+    each row's last kept verify row, the draft source (zeros: none yet in this block). Returns the rows x
+    (B, m, bs), their conditioning c (B * m, cond_dim) or None, and for each row: n (B,) drafts at
+    positions pos (B, m) in the order, their tokens (B, m) and laws q (B, m, V) (column j < n), and the
+    accept draws u_accept (B, bs); m = 1 for all when no row drafts."""
+    B, bs = masked.shape
+    V, device = model.config.vocab_size, xb.device
+    n = torch.zeros(B, dtype=torch.long, device=device)
+    speculating = [(order, slice(None) if rows is None else rows)
+                   for (name, order), rows in sampling.groups.items() if getattr(RULES[name], 'drafts', False)]
+    for _, idx in speculating:        # at most k drafts, and at least one position left for the last row
+        k = sampling.knob[idx].long().clamp(max=bs)
+        n[idx] = torch.minimum(k, masked[idx].sum(-1) - 1).clamp(min=0) * drafts[idx].flatten(1).any(-1)
+    m = int(n.max()) + 1
+    pos, tokens = (torch.zeros(B, m, dtype=torch.long, device=device) for _ in range(2))
+    q = torch.zeros(B, m, V, dtype=torch.float64, device=device)
+    u_accept = torch.zeros(B, bs, dtype=torch.float64, device=device)
+    if m == 1:
+        return SimpleNamespace(x=xb[:, None], c=c, pos=pos, tokens=tokens, q=q, n=n, u_accept=u_accept)
+    u_draft, u_accept = rand((B, 2, bs), generator, device, n > 0).unbind(1)
+    for order, idx in speculating:
+        rows = torch.arange(B, device=device)[idx]
+        # The source's own order picks the drafted positions (its entropies for order='entropy').
+        src = Proposal(model, drafts[idx], None if c is None else c[idx], masked[idx] & (n[idx] > 0)[:, None],
+                       uniform[idx], u_draft[idx], sampling, rows, order)
+        ranked = src.priority.masked_fill(~src.masked, -math.inf).argsort(-1, descending=True)[:, :m]
+        pos[idx] = ranked
+        r, j = (torch.arange(m, device=device) < n[idx, None]).nonzero(as_tuple=True)
+        q_idx = torch.zeros(len(rows), m, V, dtype=torch.float64, device=device)
+        q_idx[r, j] = src.law((r, ranked[r, j]))
+        q[idx] = q_idx
+    r, j = (torch.arange(m, device=device) < n[:, None]).nonzero(as_tuple=True)
+    tokens[r, j] = sample_categorical(q[r, j], u_draft[r, pos[r, j]])
+    x = xb[:, None].repeat(1, m, 1)                         # v_j: the block with drafts 0..j-1 written in
+    for i in range(1, m):
+        x[:, i] = x[:, i - 1]
+        r = (n >= i).nonzero().flatten()
+        x[r, i, pos[r, i - 1]] = tokens[r, i - 1]
+    revealed = torch.minimum(torch.arange(m, device=device), n[:, None])             # (B, m)
+    c = model.cond(((masked.sum(-1, keepdim=True) - revealed) / bs).flatten(), B * m)
+    return SimpleNamespace(x=x, c=c, pos=pos, tokens=tokens, q=q, n=n, u_accept=u_accept)
+
+# --- Drawing tokens ----------------------------------------------------------
 
 NUCLEUS_RULES = ('standard', 'bd3lms')
 
 
-def _nucleus(probs, top_p, rule='standard'):
-    # 'standard': keep the smallest set of most likely tokens whose mass reaches top_p. 'bd3lms': keep the
-    # tokens while the cumulative mass stays <= top_p, i.e. drop the token that crosses it (bd3lms'
-    # _nucleus_sample). Both always keep the most likely token. top_p: a number, or a tensor
-    # broadcastable to probs[..., :1] (one value per row).
+def nucleus(probs, top_p, rule='standard'):
+    """Nucleus filtering of probs (..., V). 'standard': keep the smallest set of most likely tokens whose
+    mass reaches top_p. 'bd3lms': keep tokens while the cumulative mass stays <= top_p, i.e. drop the token
+    that crosses it (bd3lms' rule). Both keep the most likely token. top_p: a number, or a tensor
+    broadcastable to probs[..., :1] (one value per row); rows with top_p = 1 are returned unchanged."""
     if bool((torch.as_tensor(top_p) >= 1.0).all()):
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -788,73 +913,73 @@ def _nucleus(probs, top_p, rule='standard'):
     keep_sorted[..., 0] = True
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     cut = probs * keep
-    # rows with top_p = 1 keep their exact probabilities, whatever their batch mates ask for
     return torch.where(torch.as_tensor(top_p, device=probs.device) >= 1, probs, cut / cut.sum(-1, keepdim=True))
 
 
-def _uniform(shape, generator, device, dtype=torch.float32, rows=None):
-    """U[0, 1) draws of `shape` = (B, ...). generator: one torch.Generator for the whole batch, or a list
+def rand(shape, generator, device, rows=None):
+    """U[0, 1) float64 draws of `shape` = (B, ...). generator: one torch.Generator for the batch, or a list
     of B, one per row, so that a row's draws never depend on which other rows share the batch (a server
-    batches requests that each carry their own seed). With a list only `rows` (B,) bool draw; the other
-    rows get zeros and their generators are not advanced."""
+    batches requests that each carry a seed). With a list only `rows` (B,) bool draw; the others get
+    zeros and their generators do not advance."""
     if not isinstance(generator, (list, tuple)):
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    out = torch.zeros(shape, device=device, dtype=dtype)
+        return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    out = torch.zeros(shape, device=device, dtype=torch.float64)
     for r in (range(shape[0]) if rows is None else rows.nonzero().flatten().tolist()):
-        out[r] = torch.rand(shape[1:], generator=generator[r], device=device, dtype=dtype)
+        out[r] = torch.rand(shape[1:], generator=generator[r], device=device, dtype=torch.float64)
     return out
 
 
-def _sample_categorical(probs, u):
-    # Inverse-CDF sampling in float64 with given uniforms u (probs.shape[:-1] + (1,)): device-agnostic,
-    # reproducible, and the caller decides whose generator draws them.
+def sample_categorical(probs, u):
+    """Inverse-CDF draws from probs (..., V) with uniforms u (...): reproducible on any device."""
     cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[..., -1:]).clamp(max=probs.shape[-1] - 1).squeeze(-1)
+    return torch.searchsorted(cdf, u[..., None] * cdf[..., -1:]).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-def _unigram_entropy(tokens):
-    _, counts = torch.unique(tokens, return_counts=True)
+def unigram_entropy(tokens):
+    """Entropy (nats) of the token frequencies in `tokens`: bd3lms' degeneracy measure."""
+    _, counts = torch.unique(torch.as_tensor(tokens), return_counts=True)
     p = counts.double() / counts.sum()
     return float(-(p * p.log()).sum())
 
 
-def _per_row(name, value, B, dtype, device, check, what):
+def per_row(name, value, B, device, dtype=torch.float64, ok=lambda v: True, what=''):
     """One value for every row, or one per row (a list or (B,) tensor) -> a (B,) tensor; one-line errors."""
     values = value.tolist() if isinstance(value, torch.Tensor) else value
     values = list(values) if isinstance(values, (list, tuple)) else [values]
     kinds = int if dtype == torch.long else (int, float)
     if len(values) not in (1, B) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
         raise ValueError(f'{name} must be one value or one per row ({B} rows) of type {dtype}, got {value!r}')
-    if not all(check(v) for v in values):
+    if not all(ok(v) for v in values):
         raise ValueError(f'{name} must be {what}, got {value!r}')
     return torch.tensor(values, dtype=dtype, device=device).expand(B).clone()
 
 
 class Sampling:
-    """How one generate call samples, checked once: the unmasking rule with its per-row knob and order,
-    and each row's temperature and top_p (what a row draws never depends on its batch mates)."""
+    """How one generate call samples, checked once: each row's unmasking rule, knob and order, temperature
+    and top_p (what a row draws never depends on its batch mates). rule/order: a name, or one per row."""
 
-    def __init__(self, B, device, steps=None, threshold=None, entropy_bound=None, tokens_per_call=None, order=None,
-                 temperature=1.0, top_p=1.0, nucleus='standard'):
-        chosen = [name for name, v in (('steps', steps), ('threshold', threshold), ('entropy_bound', entropy_bound),
-                                       ('tokens_per_call', tokens_per_call)) if v is not None]
-        if len(chosen) > 1:
-            raise ValueError(f'choose one unmasking rule, got {" and ".join(chosen)}')
-        self.rule = chosen[0] if chosen else 'first_hitting'
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
-            raise ValueError(f'steps must be None (first-hitting) or a positive integer, got {steps!r}')
-        self.steps = steps
-        knob = {'threshold': (threshold, torch.float64, lambda v: 0 <= v <= 1, 'in [0, 1] (a probability)'),
-                'entropy_bound': (entropy_bound, torch.float64, lambda v: 0 <= v < math.inf, 'a number >= 0 (nats)'),
-                'tokens_per_call': (tokens_per_call, torch.long, lambda v: v >= 1, 'an integer >= 1')}.get(self.rule)
-        self.knob = None if knob is None else _per_row(self.rule, knob[0], B, knob[1], device, *knob[2:])
-        if order is not None and self.rule not in ('threshold', 'entropy_bound'):
-            raise ValueError(f'order applies to threshold and entropy_bound, not to {self.rule}')
-        self.order = order or {'entropy_bound': 'entropy', 'tokens_per_call': 'confidence'}.get(self.rule, 'uniform')
-        if self.order not in ORDERS:
-            raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
-        self.temperature = _per_row('temperature', temperature, B, torch.float64, device, lambda v: v >= 0, '>= 0 (0 = greedy)')
-        self.top_p = _per_row('top_p', top_p, B, torch.float64, device, lambda v: 0 < v <= 1, 'in (0, 1]')
+    def __init__(self, B, device, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
+                 nucleus='standard'):
+        names = [rule] * B if isinstance(rule, str) else list(rule)
+        orders = [order] * B if order is None or isinstance(order, str) else list(order)
+        knobs = [knob] * B if not isinstance(knob, (list, tuple, torch.Tensor)) else list(knob)
+        if not len(names) == len(orders) == len(knobs) == B:
+            raise ValueError(f'rule, knob and order take one value or one per row ({B} rows)')
+        self.groups = {}                        # (rule, order) -> the rows that use them
+        for r, (name, o, k) in enumerate(zip(names, orders, knobs)):
+            fn = RULES.get(name)
+            if fn is None:
+                raise ValueError(f'rule must be one of {sorted(RULES)} (bd3lm.RULES), got {name!r}')
+            o = o or getattr(fn, 'order', 'confidence')
+            if o not in getattr(fn, 'orders', ORDERS):
+                raise ValueError(f'order must be one of {getattr(fn, "orders", ORDERS)} for rule {name!r}, got {o!r}')
+            knobs[r] = check_knob(name, k)
+            self.groups.setdefault((name, o), []).append(r)
+        self.knob = torch.tensor(knobs, dtype=torch.float64, device=device)
+        self.groups = {key: None if len(rows) == B else torch.tensor(rows, device=device)
+                       for key, rows in self.groups.items()}
+        self.temperature = per_row('temperature', temperature, B, device, ok=lambda v: v >= 0, what='>= 0 (0 = greedy)')
+        self.top_p = per_row('top_p', top_p, B, device, ok=lambda v: 0 < v <= 1, what='in (0, 1]')
         if nucleus not in NUCLEUS_RULES:
             raise ValueError(f'nucleus must be one of {NUCLEUS_RULES}, got {nucleus!r}')
         self.nucleus = nucleus
@@ -864,148 +989,201 @@ class Sampling:
         self.any_nucleus = bool((self.top_p < 1).any())
 
     def probs(self, logits, rows):
-        """The distribution a token is drawn from at each position, float64 (..., V): the row's temperature
-        (0 = greedy) and nucleus. logits: (N, ..., V) with the mask already at -inf; rows: (N,) their rows."""
-        shape = (-1,) + (1,) * (logits.dim() - 1)
+        """The law a token is drawn from, float64 (N, V): the row's temperature (0 = greedy) and nucleus.
+        logits: (N, V) float64 with the mask at -inf; rows: (N,) their rows."""
         if self.any_scaled:
             temperature = self.temperature[rows]
-            logits = logits / torch.where(temperature == 0, 1.0, temperature).view(shape)
+            logits = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
         probs = logits.softmax(-1)
         if self.any_greedy:  # temperature 0: all mass on the most likely token
             one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-            probs = torch.where(self.greedy[rows].view(shape), one_hot, probs)
-        return _nucleus(probs, self.top_p[rows].view(shape), self.nucleus) if self.any_nucleus else probs
+            probs = torch.where(self.greedy[rows][:, None], one_hot, probs)
+        return nucleus(probs, self.top_p[rows][:, None], self.nucleus) if self.any_nucleus else probs
 
 
-class BlockState:
-    """Where each row stands in its current block: masked positions still to generate, the clock t,
-    and, for steps=K, the step reached and the last model output (reused while nothing changes)."""
-
-    def __init__(self, active):
-        B = active.shape[0]
-        self.active = active                                              # (B, bs) bool
-        self.t = torch.ones(B, dtype=torch.float64, device=active.device)
-        self.step = torch.zeros(B, dtype=torch.long, device=active.device)
-        self.stale = torch.ones(B, dtype=torch.bool, device=active.device)  # steps=K: needs a fresh output
-        self.probs = None
-
-
-def denoise_step(model, xb, state, sampling, hidden, generator, row_nfe):
-    """One denoising call for a batch of blocks: hidden(t) runs the model on the blocks at noise level t (B,)
-    and returns their hidden states (B, bs, D); the rule's call proposes tokens and says which to reveal.
-    xb: (B, bs) tokens of the blocks, updated in place, as is state. Returns whether the model was called
-    (one NFE); row_nfe (B,) counts each row's own calls, what the row would pay alone."""
-    call = {'first_hitting': _first_hitting_call, 'steps': _ancestral_call}.get(sampling.rule, _adaptive_call)
-    drawing = state.active.any(-1)
-    reveal, proposal, paid = call(model, xb, state, sampling, hidden, generator, drawing)
-    row_nfe += paid
-    xb.copy_(torch.where(reveal, proposal, xb))
-    state.active &= ~reveal
-    return paid is drawing or bool(paid.any())  # only steps=K may skip the call (no host sync otherwise)
+def check_knob(rule, knob):
+    """The knob of `rule` as a float (0.0 where none is given to a rule that may go without); a one-line
+    error when it is out of the rule's range."""
+    spec = getattr(RULES[rule], 'knob', ...)
+    if spec is None or (spec is ... and knob is None):
+        if knob is not None:
+            raise ValueError(f'knob: rule {rule!r} takes no knob, got {knob!r}')
+        return 0.0
+    low, high = (-math.inf, math.inf) if spec is ... else spec
+    integer = isinstance(low, int)
+    ok = isinstance(knob, int if integer else (int, float)) and not isinstance(knob, bool) and low <= knob <= high
+    if not ok:                                   # NaN fails low <= knob too
+        raise ValueError(f'knob: rule {rule!r} needs a knob that is {"an integer" if integer else "a number"} in '
+                         f'[{low}, {high}], got {knob!r}')
+    return float(knob)
 
 
-def _logits(model, xb, h, t, rows):
-    # p_theta's logits (N, ..., V) in float64 at hidden states h (N, ..., D) that belong to `rows` (N,),
-    # the mask token excluded (SUBS).
-    c = model._cond(xb, sigma_from_move_chance(t.float()) if model.config.time_conditioning else None)
-    if c is not None:
-        c = c[rows][:, None] if h.dim() == 3 else c[rows]
-    logits = model.output_layer(h, c).double()
-    logits[..., model.config.mask_id] = -math.inf
-    return logits
+class Proposal:
+    """What one model call proposes for a batch of blocks: the fields an unmasking rule reads.
+
+      masked      (B, bs) bool     positions still masked
+      uniform     (B, bs)          i.i.d. U[0, 1), drawn once per block: a uniformly random order
+      probs       (B, bs, V)       p_theta at each position (temperature 1, before nucleus; float64)
+      confidence  (B, bs)          p_theta of the token proposed there (drawn with the row's temperature/top_p)
+      entropy     (B, bs)          entropy of p_theta there
+      priority    (B, bs)          the call's order as a score, higher first
+
+    The last four are computed on first use, at masked positions only: a rule that reads none of them
+    (first-hitting) projects only the positions it reveals to the vocabulary."""
+
+    def __init__(self, model, h, c, masked, uniform, u_token, sampling, rows, order):
+        self.masked, self.uniform, self.order = masked, uniform, order
+        self._model, self._h, self._c, self._u, self._sampling, self._rows = model, h, c, u_token, sampling, rows
+
+    def _logits(self, where):
+        # p_theta's logits (N, V) in float64 at the positions `where`, the mask token excluded (SUBS)
+        c = None if self._c is None else self._c[where[0]]
+        logits = self._model.output_layer(self._h[where], c).double()
+        logits[:, self._model.config.mask_id] = -math.inf
+        return logits
+
+    def law(self, where):
+        """The law (N, V) a token is drawn from at `where`: the row's temperature and top_p, float64."""
+        return self._sampling.probs(self._logits(where), self._rows[where[0]])
+
+    def version(self, h, c, masked):
+        """The proposal of another version of these blocks (a speculative verify row): same rows, order
+        and draws, hidden states h (B, bs, D), still masked where `masked`."""
+        return Proposal(self._model, h, c, masked, self.uniform, self._u, self._sampling, self._rows, self.order)
+
+    def _draw(self, where, logits):
+        # the proposed tokens (N,) at `where`, each from its own uniform, with the row's temperature/top_p
+        return sample_categorical(self._sampling.probs(logits, self._rows[where[0]]), self._u[where])
+
+    @functools.cached_property
+    def _at_masked(self):
+        where = self.masked.nonzero(as_tuple=True)
+        logits = self._logits(where)
+        return where, logits, self._draw(where, logits), logits.log_softmax(-1)
+
+    def _full(self, values, fill=0.0):
+        out = torch.full(self.masked.shape, fill, dtype=values.dtype, device=values.device)
+        out[self._at_masked[0]] = values
+        return out
+
+    @functools.cached_property
+    def probs(self):
+        where, _, _, log_p = self._at_masked
+        out = torch.zeros(self.masked.shape + log_p.shape[-1:], dtype=log_p.dtype, device=log_p.device)
+        out[where] = log_p.exp()
+        return out
+
+    @functools.cached_property
+    def tokens(self):
+        return self._full(self._at_masked[2], 0)
+
+    @functools.cached_property
+    def confidence(self):
+        _, _, token, log_p = self._at_masked
+        return self._full(log_p.gather(-1, token[:, None]).squeeze(-1).exp())
+
+    @functools.cached_property
+    def entropy(self):
+        log_p = self._at_masked[3]
+        return self._full(-(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1))
+
+    @functools.cached_property
+    def priority(self):
+        return {'uniform': lambda: self.uniform, 'confidence': lambda: self.confidence,
+                'entropy': lambda: -self.entropy}[self.order]()
+
+    def tokens_at(self, reveal):
+        """The proposed tokens (B, bs), valid where `reveal`: all of them if a rule already drew them, else
+        only the revealed positions are projected (the same tokens: each position has its own uniform)."""
+        if 'tokens' in self.__dict__ or '_at_masked' in self.__dict__:
+            return self.tokens
+        where = reveal.nonzero(as_tuple=True)
+        out = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
+        out[where] = self._draw(where, self._logits(where))
+        return out
 
 
-def _first_hitting_call(model, xb, state, sampling, hidden, generator, drawing):
-    # The position is chosen before the call (uniformly), so only it is projected to the vocabulary.
-    B, bs = xb.shape
-    rows = torch.arange(B, device=xb.device)
-    n = state.active.sum(-1)
-    u = _uniform((B,), generator, xb.device, torch.float64, drawing)
-    state.t = torch.where(drawing, state.t * u ** (1 / n.clamp(min=1)), state.t)
-    j = _uniform((B, bs), generator, xb.device, rows=drawing).masked_fill(~state.active, -1).argmax(-1)
-    probs = sampling.probs(_logits(model, xb, hidden(state.t)[rows, j], state.t, rows), rows)   # (B, V)
-    token = _sample_categorical(probs, _uniform((B, 1), generator, xb.device, torch.float64, drawing))
-    reveal = torch.zeros_like(state.active)
-    reveal[rows, j] = state.active[rows, j]
-    return reveal, token[:, None].expand(B, bs), drawing
-
-
-def _ancestral_call(model, xb, state, sampling, hidden, generator, drawing):
-    # Step i of K: from t = 1 - i/K to s = 1 - (i+1)/K, each masked token revealed with probability 1 - s/t.
-    # A row whose block did not change since its last call reuses that output (no call for it).
-    B, bs = xb.shape
-    rows = torch.arange(B, device=xb.device)
-    t, s = 1 - state.step.double() / sampling.steps, 1 - (state.step + 1).double() / sampling.steps
-    need = drawing & (state.stale | model.config.time_conditioning)
-    if need.any():
-        fresh = sampling.probs(_logits(model, xb, hidden(t), t, rows), rows)                     # (B, bs, V)
-        state.probs = fresh if state.probs is None else torch.where(need[:, None, None], fresh, state.probs)
-    reveal = state.active & (_uniform((B, bs), generator, xb.device, torch.float64, drawing) < (1 - s / t)[:, None])
-    proposal = _sample_categorical(state.probs, _uniform((B, bs, 1), generator, xb.device, torch.float64, drawing))
-    state.step += drawing
-    state.stale = torch.where(drawing, reveal.any(-1), state.stale)
-    return reveal, proposal, need
-
-
-def _adaptive_call(model, xb, state, sampling, hidden, generator, drawing):
-    # Propose a token at every masked position with the row's law, score the model's confidence in it and
-    # its entropy there, and let the rule (ADAPTIVE_RULES) choose. Only masked positions are projected.
-    B, bs = xb.shape
-    state.t = state.active.sum(-1).double() / bs                          # the masked fraction
-    where = state.active.nonzero(as_tuple=True)
-    logits = _logits(model, xb, hidden(state.t)[where], state.t, where[0])                        # (N, V)
-    u = _uniform((B, bs, 1), generator, xb.device, torch.float64, drawing)[where]
-    token = _sample_categorical(sampling.probs(logits, where[0]), u)                              # (N,)
-    log_p = logits.log_softmax(-1)
-    confidence = torch.zeros(B, bs, dtype=torch.float64, device=xb.device)
-    entropy = torch.zeros_like(confidence)
-    confidence[where] = log_p.gather(-1, token[:, None]).squeeze(-1).exp()
-    entropy[where] = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
-    priority = {'uniform': lambda: _uniform((B, bs), generator, xb.device, torch.float64, drawing),
-                'confidence': lambda: confidence, 'entropy': lambda: -entropy}[sampling.order]()
-    reveal = ADAPTIVE_RULES[sampling.rule](confidence, entropy, state.active, priority, sampling.knob)
-    proposal = torch.zeros_like(xb)
-    proposal[where] = token
-    return reveal, proposal, drawing
+def denoise_step(model, xb, masked, uniform, sampling, hidden, generator, drafts=None):
+    """One denoising call for a batch of blocks (Alg. 2, inner loop): run the model, let each row's rule
+    choose what to reveal, write the proposed tokens there. xb (B, bs) tokens and masked (B, bs) are
+    updated in place; uniform (B, bs) is the block's random order. hidden(xb, c) runs the model on the
+    blocks (with or without a cache) -> (B, bs, D), or on (B, m, bs) versions of them -> (B, m, bs, D).
+    drafts (B, bs, D): the speculative rows' draft sources, kept between calls (zeros at a block's start;
+    None: they draft nothing). Returns (B,) the rows each row ran (0: it did not draw; 1 + its drafts)."""
+    B = xb.shape[0]
+    drawing = masked.any(-1)
+    # A time-conditioned model is told the masked fraction of its block.
+    c = model.cond(masked.sum(-1) / masked.shape[-1], B)
+    u_token = rand(masked.shape, generator, xb.device, drawing)                      # (B, bs)
+    v = None if drafts is None else draft_rows(model, xb, masked, uniform, sampling, c, drafts, generator)
+    m = 1 if v is None else v.x.shape[1]
+    h = hidden(xb, c)[:, None] if m == 1 else hidden(v.x, v.c)                       # (B, m, bs, D)
+    reveal = torch.zeros_like(masked)
+    for (name, order), rows in sampling.groups.items():
+        idx = slice(None) if rows is None else rows
+        all_rows = torch.arange(B, device=xb.device)[idx]
+        p = Proposal(model, h[idx, 0], None if c is None else c[idx], masked[idx], uniform[idx], u_token[idx],
+                     sampling, all_rows, order)
+        if v is not None and getattr(RULES[name], 'drafts', False):
+            p.verify = SimpleNamespace(h=h[idx], c=None if v.c is None else v.c.view(B, m, -1)[idx],
+                                       **{f: getattr(v, f)[idx] for f in ('pos', 'tokens', 'q', 'n', 'u_accept')})
+        r = RULES[name](p, sampling.knob[idx]) & p.masked
+        # The sampler guarantees progress: a row that revealed nothing reveals its first in the order.
+        r |= first(p.priority, p.masked, (~r.any(-1) & p.masked.any(-1)).long())
+        reveal[idx] = r
+        xb[idx] = torch.where(r, p.tokens_at(r), xb[idx])
+        if hasattr(p, 'source'):
+            drafts[idx] = p.source.to(drafts.dtype)
+    masked &= ~reveal
+    return drawing.long() * (1 if v is None else 1 + v.n)
 
 
 @torch.no_grad()
 def prefill(model, x, cache):
-    """Write the complete blocks of x (B, T) into the cache as clean prefix, one pass per block; returns the
-    number of passes. Only a time-conditioned model reads the noise level of a clean block (adaLN modulates
-    every position); it gets the clean end of the schedule. Without time conditioning (the released
-    models) cached and uncached sampling agree exactly."""
+    """Write the complete blocks of x (B, T) into the cache as clean prefix, one pass per block."""
     bs = model.config.block_size
-    clean = torch.full((x.shape[0],), EPS, device=x.device)
-    sigma = sigma_from_move_chance(clean) if model.config.time_conditioning else None
+    c = model.cond(torch.zeros(x.shape[0]), x.shape[0])         # clean: t = 0
     for lo in range(0, x.shape[1] // bs * bs, bs):
-        model._hidden(x[:, lo:lo + bs], sigma, torch.arange(lo, lo + bs, device=x.device), cache)
+        model.hidden(x[:, lo:lo + bs], c, torch.arange(lo, lo + bs, device=x.device), cache)
         cache.commit()
     return x.shape[1] // bs
 
 
+def block_pass(model, x, lo, cache):
+    """hidden(xb, c) for the block of x (B, T) at lo: one cached pass, or, without a cache, the pass over
+    the block's receptive field under the banded mask (n_layers windows back: exact, and affordable for
+    long uncached generation)."""
+    bs, window, device = model.config.block_size, model.config.model_length, x.device
+    if cache is not None:
+        return lambda xb, c: model.hidden(xb, c, torch.arange(lo, lo + bs, device=device), cache)
+    start = max(0, lo - model.config.n_layers * (window - bs))
+
+    def uncached(xb, c):                 # xb (B, bs), or (B, m, bs) versions of the block
+        head = x[:, start:lo] if xb.dim() == 2 else x[:, None, start:lo].expand(-1, xb.shape[1], -1)
+        return model.hidden(torch.cat([head, xb], -1), c, torch.arange(start, lo + bs, device=device))[..., -bs:, :]
+    return uncached
+
+
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, generator=None,
-             stop_at_eos=False, stop_entropy=None, eos_id=None, on_block=None, return_stats=False,
-             temperature=1.0, threshold=None, entropy_bound=None, tokens_per_call=None, order=None,
-             nucleus='standard'):
+def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
+             nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False, stop_entropy=None, eos_id=None,
+             on_block=None, return_stats=False):
     """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max(max_new_tokens)).
 
-    The unmasking rule: first-hitting (default), steps=K, threshold=tau, entropy_bound=gamma or
-    tokens_per_call=k (at most one), with `order` for the adaptive ones; see the sampler section above.
-    max_new_tokens, top_p, temperature, and the knob tau / gamma / k: one value, or one per row (a list
-    or (B,) tensor), so that requests with different settings can share a batch. temperature divides
-    the logits (0 = greedy); top_p: nucleus sampling (nucleus='bd3lms' drops the token that crosses top_p,
-    as bd3lms does). generator: a torch.Generator, or a list of B (one
-    per row; see _uniform). stop_at_eos: a row stops after the first EOS it generates. stop_entropy:
-    bd3lms' variable-length rule (the paper uses 4): checked after each block once a row holds more than 256
-    tokens; when the unigram entropy of its last 256 tokens is below this, the row stops and those 256
-    degenerate tokens are dropped (never the prompt; if an EOS came in the same block, this cut wins, as in
-    bd3lms). Rows
-    stop independently; positions after a row's end are filled with eos_id (default: config.eos_id).
-    on_block(x, end): called after each finished block with the tokens so far (streaming).
+    rule: the unmasking rule's name in RULES ('first_hitting', 'steps', 'threshold', 'entropy_bound',
+    'tokens_per_call', or one you register), knob its setting (K, tau, gamma, k), order the order it
+    ranks positions in ('uniform', 'confidence', 'entropy'; default the rule's own). Each of rule, knob,
+    order, max_new_tokens, temperature and top_p: one value, or one per row (a list or (B,) tensor).
+    temperature divides the logits (0 = greedy); top_p: nucleus sampling (nucleus='bd3lms' drops the token
+    that crosses top_p, as bd3lms does). generator: a torch.Generator, or a list of B (one per row; see
+    rand). stop_at_eos: a row stops after the first EOS it generates. stop_entropy: bd3lms' variable-length
+    rule (the paper uses 4): checked after each block once a row holds more than 256 tokens; when the
+    unigram entropy of its last 256 tokens is below this, the row stops and those 256 tokens are dropped
+    (never the prompt). Rows stop independently; positions after a row's end hold eos_id (default
+    config.eos_id). on_block(x, end): called after each finished block with the tokens so far.
     return_stats: also return {'nfe': model calls for the batch, 'row_nfe': (B,) each row's own calls
-    (what it would pay alone), 'forward_passes': all passes (cache writes too), 'lengths': (B,)}."""
+    (what it would pay alone), 'rows_x_tokens': (B,) the block rows x tokens its calls ran (a speculative
+    call runs 1 + drafts rows), 'forward_passes': all passes (cache writes too), 'lengths': (B,)}."""
     cfg = model.config
     bs, window, mask_id = cfg.block_size, cfg.model_length, cfg.mask_id
     eos_id = cfg.eos_id if eos_id is None else eos_id
@@ -1014,9 +1192,9 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
                          f'BOS, config.bos_id = {cfg.bos_id})')
     B, P = idx.shape
     device = model.vocab_embed.embedding.device
-    sampling = Sampling(B, device, steps, threshold, entropy_bound, tokens_per_call, order, temperature, top_p, nucleus)
-    new_tokens = _per_row('max_new_tokens', max_new_tokens, B, torch.long, device, lambda v: v > 0,
-                          'a positive integer (or one per row)')
+    sampling = Sampling(B, device, rule, knob, order, temperature, top_p, nucleus)
+    new_tokens = per_row('max_new_tokens', max_new_tokens, B, device, torch.long, lambda v: v > 0,
+                         'a positive integer (or one per row)')
     if isinstance(generator, (list, tuple)) and len(generator) != B:
         raise ValueError(f'a list of generators needs one per row: {len(generator)} for {B} rows')
     if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size:
@@ -1025,8 +1203,7 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
         raise ValueError(f'the prompt contains the mask id {mask_id}; prompts must be clean tokens')
     total = P + int(new_tokens.max())
     if bs == window and total > window:
-        # With one block per context, a block past the context would see no earlier block at all. bd3lms
-        # continues MDLM with an overlapping stride instead; that is a different sampler, not offered here.
+        # With one block per context, a block past the context would see no earlier block at all.
         raise ValueError(f'this model is MDLM-like (block_size = model_length = {window}), so it generates at '
                          f'most {window} tokens including the prompt ({P} + {total - P} asked); '
                          f'lower max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
@@ -1036,52 +1213,51 @@ def generate(model, idx, max_new_tokens, steps=None, top_p=1.0, kv_cache=True, g
     x[:, :P] = idx.to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = P + new_tokens                                                  # (B,) each row's end
-    stats = {'nfe': 0, 'forward_passes': 0, 'row_nfe': torch.zeros(B, dtype=torch.long, device=device)}
+    stats = {'nfe': 0, 'forward_passes': 0, 'row_nfe': torch.zeros(B, dtype=torch.long, device=device),
+             'rows_x_tokens': torch.zeros(B, dtype=torch.long, device=device)}
+    drafts = None                                                           # speculative rows' draft sources
+    if any(getattr(RULES[name], 'drafts', False) for name, _ in sampling.groups):
+        drafts = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype)
     cache = None
     if kv_cache:
         cache = KVCache(cfg.n_layers, B, cfg.n_heads, window, cfg.hidden_dim // cfg.n_heads, bs, device,
                         model.vocab_embed.embedding.dtype)
-    # Receptive field of a block under the banded mask: n_layers windows back. The uncached path runs
-    # only that suffix, which is exact and keeps long uncached generation affordable.
-    reach = cfg.n_layers * (window - bs)
-
-    def hidden(lo, t):
-        # Hidden states (B, bs, D) of the block starting at lo at noise level t (B,); with the cache this
-        # also writes the block's keys into it.
-        stats['forward_passes'] += 1
-        sigma = sigma_from_move_chance(t.float()) if cfg.time_conditioning else None
-        if cache is not None:
-            return model._hidden(x[:, lo:lo + bs], sigma, torch.arange(lo, lo + bs, device=device), cache)
-        start = max(0, lo - reach)
-        return model._hidden(x[:, start:lo + bs], sigma, torch.arange(start, lo + bs, device=device))[:, -bs:]
-
-    clean_t = torch.full((B,), EPS, device=device)
-    if cache is not None:                                     # the prompt's complete blocks enter the cache
-        stats['forward_passes'] += prefill(model, idx.to(device), cache)
-    for b in range(P // bs, n_blocks):                        # Alg. 2: blocks left to right
-        lo = b * bs
-        block = x[:, lo:lo + bs]                                                 # a view: updated in place
-        pos = torch.arange(lo, lo + bs, device=device)
-        state = BlockState((block == mask_id) & (pos < lengths[:, None]) & ~done[:, None])
-        while state.active.any():                             # denoise the block, one model call at a time
-            stats['nfe'] += denoise_step(model, block, state, sampling, lambda t: hidden(lo, t), generator,
-                                         stats['row_nfe'])
-        if cache is not None:                                 # the finished block joins the clean prefix
-            hidden(lo, clean_t)
+        stats['forward_passes'] += prefill(model, idx.to(device), cache)   # the prompt's complete blocks
+    clean = torch.zeros(B, device=device)
+    for lo in range(P // bs * bs, n_blocks * bs, bs):                      # Alg. 2: blocks left to right
+        xb = x[:, lo:lo + bs]                                                # a view: updated in place
+        masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
+        u_block = rand(masked.shape, generator, device, masked.any(-1))    # the block's random order
+        hidden = block_pass(model, x, lo, cache)
+        if drafts is not None:
+            drafts.zero_()
+        while masked.any():                                  # denoise the block, one model call at a time
+            rows = denoise_step(model, xb, masked, u_block, sampling, hidden, generator, drafts)
+            stats['row_nfe'] += rows > 0
+            stats['rows_x_tokens'] += rows * bs
+            stats['nfe'] += 1
+        if cache is not None:                                # the finished block joins the clean prefix
+            hidden(xb, model.cond(clean, B))
             cache.commit()
         end = min(lo + bs, total)
-        _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
+        apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
         if on_block is not None:
             on_block(x[:, :end], end)
         if done.all():
             break
+    stats['forward_passes'] += stats['nfe'] + (cache.n_committed - P // bs if cache is not None else 0)
     x = x[:, :total]
     x[x == mask_id] = eos_id  # only possible in rows that stopped early
     stats['lengths'] = lengths
     return (x, stats) if return_stats else x
 
 
-def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
+BD3LM.generate = generate   # model.generate(idx, max_new_tokens, ...): the same function
+
+
+def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
+    """After a block: rows that generated an EOS (stop_at_eos) or whose last 256 tokens are degenerate
+    (unigram entropy below stop_entropy; the window is dropped, and this cut wins over an EOS) stop."""
     for r in range(x.shape[0]):
         if done[r]:
             continue
@@ -1090,8 +1266,8 @@ def _apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
             generated = (x[r, P:end] == eos_id).nonzero()
             if len(generated):
                 cut = P + int(generated[0]) + 1
-        if stop_entropy is not None and end > 256 and _unigram_entropy(x[r, end - 256:end]) < stop_entropy:
-            cut = max(P, end - 256)  # as bd3lms: drop the low-entropy window (it overrides an EOS cut)
+        if stop_entropy is not None and end > 256 and unigram_entropy(x[r, end - 256:end]) < stop_entropy:
+            cut = max(P, end - 256)
         if cut is not None:
             done[r] = True
             lengths[r] = cut

@@ -8,6 +8,13 @@ from ast import literal_eval
 
 _settings = sorted(k for k, v in globals().items()
                    if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None))))
+if '--help' in sys.argv[1:] or '-h' in sys.argv[1:]:
+    print((globals().get('__doc__') or '').strip() + '\n\nsettings (--key=value):')
+    for _k in _settings:
+        print(f'  --{_k}={globals()[_k]!r}')
+    if globals().get('_help'):
+        print(globals()['_help'])
+    raise SystemExit(0)
 for _arg in sys.argv[1:]:
     if not _arg.startswith('--'):
         if not _arg.endswith('.py'):

@@ -2,7 +2,7 @@
 Sample from a BD3-LM: released weights, a bd3lms Lightning checkpoint or a train.py out_dir.
 
     python sample.py --init_from=kuleshov-group/bd3lm-owt-block_size16 --start="The meaning of life"
-    python sample.py --init_from=out-demo --num_samples=3 --max_new_tokens=128 --steps=4
+    python sample.py --init_from=out-demo --num_samples=3 --max_new_tokens=128 --rule=steps --knob=4
     python sample.py config/genppl_owt.py --init_from=kuleshov-group/bd3lm-owt-block_size4   # the paper's gen PPL
 
 With --gen_ppl_model=NAME_OR_PATH (any Hugging Face causal LM, e.g. gpt2-large; needs `transformers`)
@@ -25,11 +25,9 @@ init_from = 'out-demo'  # hub id, HF-layout folder, Lightning .ckpt, or a train.
 start = ''              # prompt text, or FILE:path to read it from a file; the model's BOS is always prepended
 num_samples = 1
 max_new_tokens = 256
-steps = None            # None: first-hitting (one token per model call); K: K denoising steps per block
-threshold = None        # adaptive: reveal every masked position whose confidence exceeds this (and at least one)
-entropy_bound = None    # adaptive: reveal positions while their summed entropy stays within this many nats
-tokens_per_call = None  # adaptive: reveal the k most confident positions per call
-order = None            # which position comes first: 'uniform', 'confidence', 'entropy' (threshold, entropy_bound)
+rule = 'first_hitting'  # the unmasking rule: a name in bd3lm.RULES (see --help)
+knob = None             # its setting: steps K, threshold tau, entropy_bound gamma (nats), tokens_per_call k
+order = None            # the order a rule ranks positions in: 'uniform', 'confidence', 'entropy' (default: the rule's)
 top_p = 0.9             # nucleus sampling
 nucleus = 'standard'    # 'standard' (smallest set reaching top_p) or 'bd3lms' (cumulative mass <= top_p)
 stop_at_eos = False     # stop a sample at the first EOS it generates
@@ -45,6 +43,7 @@ gen_ppl_stride = 512    # sliding-window stride over the judge's context for lon
 retry_degenerate = False  # bd3lms' fixed-length rule: redraw a sample whose last 256 tokens' unigram entropy
                         # falls below 4 at any block (up to 10 tries)
 out_file = None         # write the samples, gen_ppl, entropy, NFEs and these settings as JSON
+_help = f'unmasking rules (--rule): {", ".join(bd3lm.RULES)}'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -52,8 +51,6 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a positive integer'),
            ('max_new_tokens', isinstance(max_new_tokens, int) and max_new_tokens > 0, 'a positive integer'),
-           ('steps', steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0),
-            'None (first-hitting) or a positive integer'),
            ('top_p', _number(top_p) and 0 < top_p <= 1, 'a number in (0, 1]'),
            ('stop_entropy', stop_entropy is None or _number(stop_entropy), 'None or a number such as 4.0'),
            ('temperature', _number(temperature) and temperature >= 0, 'a number >= 0'),
@@ -63,10 +60,8 @@ _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a 
 for _name, _ok, _what in _checks:
     if not _ok:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
-rule = dict(steps=steps, threshold=threshold, entropy_bound=entropy_bound, tokens_per_call=tokens_per_call, order=order,
-            nucleus=nucleus)
-try:  # the unmasking rule and its knobs, checked by the sampler itself
-    bd3lm.Sampling(1, 'cpu', **rule)
+try:  # the unmasking rule and its knob, checked by the sampler itself
+    bd3lm.Sampling(1, 'cpu', rule, knob, order, nucleus=nucleus)
 except ValueError as e:
     raise SystemExit(f'--{e}') from None
 if device.startswith('cuda') and not torch.cuda.is_available():
@@ -84,7 +79,7 @@ try:
 except (ValueError, OSError, ImportError) as e:  # the loader's messages name the problem and the fix
     raise SystemExit(f'--init_from={init_from}: {e}') from None
 if compile:
-    model._run = torch.compile(model._run, dynamic=True)   # the per-block transformer pass
+    model.transformer = torch.compile(model.transformer, dynamic=True)   # the per-block transformer pass
 enc = get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:
@@ -118,13 +113,14 @@ def degenerate(ids, block_size, window=256, floor=4.0):
     256 tokens below 4 nats. Tokens never change once written, so checking the finished sample at every
     block end gives the same verdict."""
     ends = list(range(block_size, len(ids), block_size)) + [len(ids)]
-    return any(e > window and bd3lm._unigram_entropy(ids[e - window:e]) < floor for e in ends)
+    return any(e > window and bd3lm.unigram_entropy(ids[e - window:e]) < floor for e in ends)
 
 
 t0 = time.perf_counter()
 sample = lambda idx, on_block=None: model.generate(
     idx, max_new_tokens, top_p=top_p, kv_cache=kv_cache, generator=generator, stop_at_eos=stop_at_eos,
-    stop_entropy=stop_entropy, on_block=on_block, return_stats=True, temperature=temperature, **rule)
+    stop_entropy=stop_entropy, on_block=on_block, return_stats=True, temperature=temperature, rule=rule, knob=knob,
+    order=order, nucleus=nucleus)
 out, stats = sample(idx, on_block)
 bar.close()
 redrawn = 0
@@ -201,8 +197,8 @@ if gen_ppl_model is not None or out_file is not None:
     result = {'samples': texts, 'nfe': stats['nfe'], 'nfe_per_sample': stats['row_nfe'].tolist(),
               'tokens_per_call': [len(r) / max(1, int(n)) for r, n in zip(rows, stats['row_nfe'])],
               'redrawn': redrawn,
-              'settings': {k: globals()[k] for k in ('init_from', 'start', 'num_samples', 'max_new_tokens', 'steps',
-                                                     'threshold', 'entropy_bound', 'tokens_per_call', 'order', 'top_p',
+              'settings': {k: globals()[k] for k in ('init_from', 'start', 'num_samples', 'max_new_tokens', 'rule',
+                                                     'knob', 'order', 'top_p',
                                                      'nucleus', 'temperature', 'stop_at_eos', 'stop_entropy', 'seed',
                                                      'kv_cache', 'dtype', 'gen_ppl_model', 'gen_ppl_stride',
                                                      'retry_degenerate')}}
@@ -217,7 +213,7 @@ if gen_ppl_model is not None or out_file is not None:
         per_sample = [math.exp(s[0] / s[1]) for s in scores if s[1]]
         result['gen_ppl_mean'] = sum(per_sample) / len(per_sample) if per_sample else float('nan')  # Table 3's
         result['gen_ppl_per_sample'], result['gen_ppl_tokens'] = per_sample, count
-    result['entropy'] = sum(bd3lm._unigram_entropy(torch.tensor(i)) for i in ids) / len(ids)
+    result['entropy'] = sum(bd3lm.unigram_entropy(torch.tensor(i)) for i in ids) / len(ids)
     if gen_ppl_model is not None:
         print(f'generative perplexity under {gen_ppl_model}: mean of per-sample {result["gen_ppl_mean"]:.2f} (Table 3), '
               f'token-weighted {result["gen_ppl"]:.2f} ({result["gen_ppl_tokens"]:,} tokens), unigram entropy '

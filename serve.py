@@ -7,34 +7,39 @@ Face page works against this project:
       --data '{"model": "kuleshov-group/bd3lm-owt-block_size4", "prompt": "Once upon a time,", "max_tokens": 512, "temperature": 0.5}'
 
 Endpoints: POST /v1/completions, GET /v1/models, GET /health. Python's standard library serves HTTP: no web
-framework is needed for three endpoints. BD3-LM's own knobs come as extra fields: `steps`, `threshold`,
-`entropy_bound`, `tokens_per_call`, `order` (the unmasking rule, as in generate) and `kv_cache`.
+framework is needed for three endpoints. BD3-LM's own knobs come as extra fields: `rule` (a name in
+bd3lm.RULES), `knob`, `order` and `kv_cache`; `steps`, `threshold`, `entropy_bound` and `tokens_per_call`
+are accepted as aliases of rule + knob.
 
-How a request flows (continuous batching at block boundaries):
-  1. The HTTP thread parses and checks it, makes one Row per completion (prompt x n) and queues them
-     (HTTP 503 at once past --max_pending waiting requests).
-  2. The engine thread owns the model. Between model calls it admits waiting rows into a Lane, the running
-     batch of rows that share an unmasking rule (rows with other rules run in their own lane, in turn):
-     a row's prompt blocks are written into its own slot of the lane's KV cache, and it starts its first
-     block, wherever the other rows are in theirs. Rows keep their own positions, cache counts, seeds,
-     temperature, top_p and rule knob, so a row's tokens are what it would get alone.
-  3. Each engine step is one model call for a lane: rows mid-block are denoised (bd3lm.denoise_step),
-     rows whose block just finished write it into the cache in the same call.
-  4. A finished block's tokens go to the client at once (one SSE chunk per block). A row that is done
-     (EOS, max_tokens, a stop string, a client gone) leaves the lane at once and costs nothing more.
+How a request flows:
+  1. The HTTP thread parses and checks it, makes one Row per completion (prompt x n, each with its own
+     generator from (seed, choice)) and queues them (HTTP 503 at once past --max_pending waiting requests).
+  2. The engine thread (engine.py) owns the model and all of its KV cache (max_batch rows, allocated at
+     start). Between model calls it admits waiting rows: a row's prompt blocks go into its cache slot and
+     it starts its first block, wherever the other rows are in theirs. One engine step is one model call
+     for every running row, whatever its rule: the sampler's own denoising step, each row with its own
+     rule, knob, seed, temperature and top_p, so a row's tokens are what it would get alone.
+  3. A finished block's tokens go to the client at once (one SSE chunk per block). A row that is done
+     (EOS, max_tokens, a stop string, its client gone, another row of its request failed) leaves at once.
+  4. A failure in a step answers that step's requests with a JSON 500; if the engine thread ever stops,
+     /health answers 503 and new requests get 503 at once.
 """
 import json
 import os
 import queue
+import select
+import socket
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import torch
 
 import bd3lm
+from engine import Engine, EngineStopped, Row as EngineRow
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -48,9 +53,10 @@ max_batch = 16              # rows (completions) running at once, all lanes toge
 batch_wait_ms = 20          # an idle engine waits this long for a burst of requests to start together
 max_pending = 64            # requests waiting beyond this get HTTP 503 at once
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
+max_steps = 1_000_000       # the largest steps=K a request may ask for (any K costs <= block_size calls)
 max_prompt_tokens = 4096
 max_body_bytes = 1_000_000  # a larger request body is refused (413) without being read
-read_timeout_s = 30.0       # a client that sends nothing for this long gets HTTP 408
+read_timeout_s = 30.0       # HTTP 408 for a client silent this long, or whose body takes longer
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
@@ -66,12 +72,15 @@ class RequestError(Exception):
 FIELDS = {'model': ((str,), None), 'prompt': ((str, list), None), 'max_tokens': ((int,), 16),
           'temperature': ((int, float), 1.0), 'top_p': ((int, float), 1.0), 'n': ((int,), 1),
           'seed': ((int, type(None)), None), 'stop': ((str, list, type(None)), None), 'stream': ((bool,), False),
-          'steps': ((int, type(None)), None), 'kv_cache': ((bool,), True), 'user': ((str,), None),
-          'threshold': ((int, float, type(None)), None), 'entropy_bound': ((int, float, type(None)), None),
-          'tokens_per_call': ((int, type(None)), None), 'order': ((str, type(None)), None),
+          'rule': ((str,), 'first_hitting'), 'knob': ((int, float, type(None)), None),
+          'order': ((str, type(None)), None), 'kv_cache': ((bool,), True), 'user': ((str,), None),
+          # aliases of rule + knob, as the per-rule fields earlier clients send
+          'steps': ((int, type(None)), None), 'threshold': ((int, float, type(None)), None),
+          'entropy_bound': ((int, float, type(None)), None), 'tokens_per_call': ((int, type(None)), None),
           'stream_options': ((dict, type(None)), None), 'echo': ((bool,), False), 'logprobs': ((int, type(None)), None),
           'best_of': ((int, type(None)), None), 'presence_penalty': ((int, float), 0), 'frequency_penalty': ((int, float), 0),
           'logit_bias': ((dict, type(None)), None), 'suffix': ((str, type(None)), None)}
+ALIASES = ('steps', 'threshold', 'entropy_bound', 'tokens_per_call')
 UNSUPPORTED = {'echo': False, 'logprobs': None, 'best_of': None, 'presence_penalty': 0, 'frequency_penalty': 0,
                'logit_bias': None, 'suffix': None}
 
@@ -102,11 +111,24 @@ def parse_request(body, tokenizer, config):
         raise RequestError(f'top_p must be in (0, 1], got {r["top_p"]}', 'top_p')
     if not 1 <= r['n'] <= max_batch:
         raise RequestError(f'n must be in [1, {max_batch}], got {r["n"]}', 'n')
-    rule = {k: r[k] for k in ('steps', 'threshold', 'entropy_bound', 'tokens_per_call', 'order')}
-    try:  # the unmasking rule, checked by the sampler itself
-        bd3lm.Sampling(1, 'cpu', **rule)
+    knob_field = 'knob'
+    aliases = [k for k in ALIASES if r[k] is not None]
+    if aliases:
+        if len(aliases) > 1 or 'rule' in body or 'knob' in body:
+            raise RequestError(f'choose one unmasking rule: {", ".join(aliases + [k for k in ("rule", "knob") if k in body])}'
+                               f' given', aliases[0])
+        knob_field = aliases[0]
+        r['rule'], r['knob'] = knob_field, r[knob_field]
+    if r['rule'] not in bd3lm.RULES:
+        raise RequestError(f'rule must be one of {", ".join(bd3lm.RULES)}, got {r["rule"]!r}', 'rule')
+    if r['rule'] == 'steps' and isinstance(r['knob'], int) and r['knob'] > max_steps:
+        raise RequestError(f'steps must be at most {max_steps:,}, got {r["knob"]:,}', knob_field)
+    try:  # the rule's knob and order, checked by the sampler itself
+        bd3lm.Sampling(1, 'cpu', r['rule'], r['knob'], r['order'])
     except ValueError as e:
-        raise RequestError(str(e), next((k for k in rule if str(e).startswith(k)), 'steps'))
+        raise RequestError(str(e), 'order' if str(e).startswith('order') else knob_field)
+    if r['seed'] is not None and not 0 <= r['seed'] < 2 ** 63:
+        raise RequestError(f'seed must be in [0, 2^63), got {r["seed"]}', 'seed')
     stops = [r['stop']] if isinstance(r['stop'], str) else (r['stop'] or [])
     if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise RequestError('stop must be a non-empty string or a list of at most 4 of them', 'stop')
@@ -134,43 +156,34 @@ def parse_request(body, tokenizer, config):
         if config.block_size == config.model_length and len(ids) + 1 + r['max_tokens'] > config.model_length:
             raise RequestError(f'this MDLM-like model writes at most {config.model_length} tokens with the prompt; '
                                f'lower max_tokens', 'max_tokens')
-    r['prompts'] = [[config.bos_id] + list(ids) for ids in prompts]
+    r['prompts'] = [list(ids) if ids and ids[0] == config.bos_id else [config.bos_id] + list(ids) for ids in prompts]
     if len(r['prompts']) * r['n'] > max_batch:
         raise RequestError(f'{len(r["prompts"])} prompts x n={r["n"]} exceeds the {max_batch} rows a request may use', 'n')
     return r
 
 
-class Row:
-    """One completion being generated: its prompt and settings, where it stands, and where its text goes."""
+class Row(EngineRow):
+    """One completion: an engine row whose finished blocks become text, cut at the request's stop strings,
+    and go to the request's sink ('text', i, piece) / ('done', i, reason, tokens) / ('error', message)."""
 
     def __init__(self, request, prompt, index, seed, sink):
-        self.request, self.prompt, self.index, self.seed, self.sink = request, prompt, index, seed, sink
+        r = request
+        super().__init__(prompt, r['max_tokens'], torch.Generator(device=device).manual_seed(seed), r['rule'],
+                         r['knob'], r['order'], r['temperature'], r['top_p'], r['kv_cache'])
+        self.request, self.index, self.sink = request, index, sink
         self.stream = tokenizer.stream(prompt)
         self.text, self.sent, self.finished, self.finish_reason, self.n_tokens = '', '', False, None, 0
-        self.cancelled = False       # set by the HTTP thread when a streaming client goes away
-        self.tokens = []             # generated so far (up to, not including, an EOS)
-        self.end = len(prompt) + request['max_tokens']
-        self.lo = len(prompt) // model.config.block_size * model.config.block_size   # its current block
-        self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def lane_key(self):  # rows share a model call when their rule is the same kind (knobs may differ)
-        r = self.request
-        kind = next((k for k in ('steps', 'threshold', 'entropy_bound', 'tokens_per_call') if r[k] is not None), None)
-        return kind, r['steps'], r['order'], r['kv_cache']
-
-    def block_done(self, block):
-        """The current block's tokens are final: send the new ones on; returns True when the row is done."""
-        bs = model.config.block_size
-        new = block[max(len(self.prompt) - self.lo, 0):min(self.end - self.lo, bs)].tolist()
+    def block_done(self, new):
+        """A block's new tokens are final: send their text on; returns True when the row is done."""
         eos = tokenizer.eos_id in new
         new = new[:new.index(tokenizer.eos_id)] if eos else new
         self.tokens += new
-        self.n_tokens += len(new)
-        final = eos or self.lo + bs >= self.end
-        self.emit(self.stream.feed(new, final=final), final=final, eos=eos)
+        final = eos or self.lo + model.config.block_size >= self.end
+        self.emit(self.stream.feed(new, final=final), len(new), final=final, eos=eos)
         return self.finished
 
-    def emit(self, piece, final=False, eos=False):
+    def emit(self, piece, n_new, final=False, eos=False):
         """Add text, cut at the first stop string; send what is certain to the client."""
         if self.finished:
             return
@@ -181,6 +194,8 @@ class Row:
             held, final, self.finish_reason = held[:cut], True, 'stop'
         elif final:
             self.finish_reason = 'stop' if eos else 'length'
+        # usage counts the tokens returned: those of the text kept, when a stop string cut it
+        self.n_tokens = len(tokenizer.encode(held)) if cut >= 0 else self.n_tokens + n_new
         # Hold back a tail that could still become a stop string.
         keep = 0 if final else max((len(s) - 1 for s in stops), default=0)
         ready = held[:len(held) - keep] if keep else held
@@ -191,160 +206,11 @@ class Row:
             self.finished = True
             self.sink.put(('done', self.index, self.finish_reason, self.n_tokens))
 
-
-class Lane:
-    """The running batch of rows that share an unmasking rule, so one model call serves them all. Row i sits
-    in slot i of the lane's KV cache (allocated once, max_batch rows); per-row tensors hold its current block
-    (xb), the sampler's BlockState and its Sampling knobs, and are rebuilt when rows join or leave."""
-
-    def __init__(self, key):
-        cfg = model.config
-        self.key, self.rows = key, []
-        self.cache = bd3lm.KVCache(cfg.n_layers, max_batch, cfg.n_heads, cfg.model_length, cfg.hidden_dim // cfg.n_heads,
-                                   cfg.block_size, device, model.vocab_embed.embedding.dtype)
-        self.xb = torch.zeros(0, cfg.block_size, dtype=torch.long, device=device)
-        self.state = bd3lm.BlockState(torch.zeros(0, cfg.block_size, dtype=torch.bool, device=device))
-
-    def regroup(self, keep, joining):
-        """Rows at indices `keep` (ascending) stay, moving down into freed cache slots; `joining` rows are
-        prefilled into the next slots and start their first block."""
-        cfg, bs = model.config, model.config.block_size
-        for new, old in enumerate(keep):
-            if new != old:
-                self.cache.k[:, new], self.cache.v[:, new] = self.cache.k[:, old], self.cache.v[:, old]
-                self.cache.n_committed[new] = self.cache.n_committed[old]
-        idx = torch.tensor(keep, dtype=torch.long, device=device)
-        blocks, active = [self.xb[idx]], [self.state.active[idx]]
-        for j, row in enumerate(joining):
-            slot = len(keep) + j
-            cache = self.cache.rows(slot, slot + 1)
-            cache.n_committed.zero_()
-            prompt = torch.tensor([row.prompt], device=device)
-            bd3lm.prefill(model, prompt, cache)          # the prompt's complete blocks enter its cache slot
-            block = torch.full((1, bs), cfg.mask_id, dtype=torch.long, device=device)
-            block[0, :len(row.prompt) - row.lo] = prompt[0, row.lo:]
-            pos = torch.arange(row.lo, row.lo + bs, device=device)
-            blocks.append(block)
-            active.append((block == cfg.mask_id) & (pos < row.end))
-        old, n_new = self.state, len(joining)
-        self.rows = [self.rows[i] for i in keep] + list(joining)
-        self.xb = torch.cat(blocks)
-        self.state = bd3lm.BlockState(torch.cat(active))
-        fresh = lambda t, value: torch.full((n_new,) + t.shape[1:], value, dtype=t.dtype, device=device)
-        for name, value in (('t', 1.0), ('step', 0), ('stale', True)):
-            setattr(self.state, name, torch.cat([getattr(old, name)[idx], fresh(getattr(old, name), value)]))
-        if old.probs is not None:
-            self.state.probs = torch.cat([old.probs[idx], fresh(old.probs, 0.0)])
-        r = [row.request for row in self.rows]
-        kind = self.key[0]
-        self.sampling = bd3lm.Sampling(
-            len(self.rows), device, steps=self.key[1], order=self.key[2],
-            **({kind: [x[kind] for x in r]} if kind in ('threshold', 'entropy_bound', 'tokens_per_call') else {}),
-            temperature=[float(x['temperature']) for x in r], top_p=[float(x['top_p']) for x in r])
-        self.generators = [row.generator for row in self.rows]
-
-    def step(self):
-        """One model call: rows mid-block are denoised; rows whose block finished write it into the cache."""
-        n, bs = len(self.rows), model.config.block_size
-        committing = ~self.state.active.any(-1)
-        positions = torch.tensor([row.lo for row in self.rows], device=device)[:, None] + torch.arange(bs, device=device)
-        cache, ran = self.cache.rows(0, n), []
-
-        def hidden(t):
-            ran.append(True)
-            t = torch.where(committing, bd3lm.EPS, t.float())
-            sigma = bd3lm.sigma_from_move_chance(t) if model.config.time_conditioning else None
-            return model._hidden(self.xb, sigma, positions, cache)
-        if not committing.all():
-            bd3lm.denoise_step(model, self.xb, self.state, self.sampling, hidden, self.generators,
-                               torch.zeros(n, dtype=torch.long, device=device))
-        if committing.any() and not ran:     # steps=K may reuse its last output: the cache write still runs
-            hidden(torch.zeros(n, device=device))
-        cache.commit(committing)
-        keep, complete = [], (~self.state.active.any(-1)).tolist()    # one host read per step, not per row
-        for i, (row, committed) in enumerate(zip(self.rows, committing.tolist())):
-            if committed:                       # its block is in the cache: start the next one
-                row.lo += bs
-                pos = torch.arange(row.lo, row.lo + bs, device=device)
-                self.xb[i] = model.config.mask_id
-                self.state.active[i] = pos < row.end
-                self.state.t[i], self.state.step[i], self.state.stale[i] = 1.0, 0, True
-            elif complete[i] and row.block_done(self.xb[i]):
-                continue                        # done: EOS, max_tokens or a stop string
-            if not row.cancelled:
-                keep.append(i)
-        if len(keep) < n:
-            self.regroup(keep, [])
-
-
-class Engine:
-    """The one thread that runs the model: admits waiting rows at block boundaries, steps every lane one
-    model call at a time, and retires finished rows (see the module docstring)."""
-
-    def __init__(self):
-        self.waiting, self.lanes, self.calls = [], {}, 0
-        self.cv = threading.Condition()
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def submit(self, rows):
-        with self.cv:
-            if len({id(r.request) for r in self.waiting}) >= max_pending:
-                raise RequestError(f'the server is busy ({max_pending} requests waiting); try again shortly',
-                                   status=503, kind='server_busy')
-            self.waiting.extend(rows)
-            self.cv.notify()
-
-    def running(self):
-        return sum(len(lane.rows) for lane in self.lanes.values())
-
-    def run(self):
-        while True:
-            with self.cv:
-                idle = not self.running()
-                while not self.waiting and not self.running():
-                    self.cv.wait()
-            if idle:
-                time.sleep(batch_wait_ms / 1000)      # let a burst of requests start together
-            with self.cv:
-                free = max_batch - self.running()
-                joining = [r for r in self.waiting if not r.cancelled][:max(free, 0)]
-                self.waiting = [r for r in self.waiting if r not in joining and not r.cancelled]
-            for row in [r for r in joining if not r.request['kv_cache']]:
-                self.guard([row], lambda: self.reference(row))
-            groups = {}
-            for row in (r for r in joining if r.request['kv_cache']):
-                groups.setdefault(row.lane_key(), []).append(row)
-            for key, rows in groups.items():
-                lane = self.lanes.setdefault(key, Lane(key))
-                self.guard(rows + lane.rows, lambda: lane.regroup(list(range(len(lane.rows))), rows))
-            for key, lane in list(self.lanes.items()):
-                if lane.rows:
-                    self.guard(lane.rows, lane.step)
-                    self.calls += 1
-
-    def guard(self, rows, work):
-        try:
-            work()
-        except Exception as e:  # never leave a client waiting, never kill the engine
-            for row in rows:
-                row.sink.put(('error', f'{type(e).__name__}: {e}'))
-            for key, lane in list(self.lanes.items()):
-                if set(map(id, lane.rows)) & set(map(id, rows)):
-                    del self.lanes[key]               # a fresh lane next time
-
-    def reference(self, row):
-        """kv_cache=false: the uncached reference path, one generate call for this row alone."""
-        r = row.request
-
-        def on_block(x, end):
-            block = x[0, row.lo:row.lo + model.config.block_size]
-            row.block_done(torch.cat([block, block.new_full((model.config.block_size - len(block),), 0)]))
-            row.lo += model.config.block_size
-        model.generate(torch.tensor([row.prompt], device=device), r['max_tokens'], kv_cache=False,
-                       generator=[row.generator], temperature=float(r['temperature']), top_p=float(r['top_p']),
-                       stop_at_eos=True, on_block=on_block, steps=r['steps'], threshold=r['threshold'],
-                       entropy_bound=r['entropy_bound'], tokens_per_call=r['tokens_per_call'], order=r['order'])
-        row.emit(row.stream.feed([], final=True), final=True)
+    def fail(self, message):
+        """The engine could not finish this row: the request fails, and its other rows end too."""
+        self.sink.put(('error', message))
+        for row in self.request['rows']:
+            row.cancelled = True
 
 
 def completion_id():
@@ -384,15 +250,34 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(e.status, {'error': {'message': str(e), 'type': e.kind, 'param': e.param, 'code': None}})
 
     def do_GET(self):
+        self.safely(self.get)
+
+    def do_POST(self):
+        self.safely(self.post)
+
+    def safely(self, handle):
+        # Any unexpected exception becomes a JSON 500: a connection never drops without an answer.
+        try:
+            handle()
+        except Exception as e:
+            self.close_connection = True
+            try:
+                self.send_error_json(RequestError(f'internal error: {type(e).__name__}: {e}', status=500,
+                                                  kind='server_error'))
+            except OSError:
+                pass
+
+    def get(self):
         if self.path in ('/health', '/v1/health'):
-            return self.send_json(200, {'status': 'ok', 'running': engine.running(), 'waiting': len(engine.waiting),
-                                        'model_calls': engine.calls})
+            snap = engine.snapshot              # published by the engine thread after every step
+            return self.send_json(200 if snap['alive'] else 503,
+                                  {'status': 'ok' if snap['alive'] else 'engine stopped', **snap})
         if self.path == '/v1/models':
             return self.send_json(200, {'object': 'list', 'data': [
                 {'id': model_name, 'object': 'model', 'created': started, 'owned_by': 'bd3lm'}]})
         self.send_error_json(RequestError(f'no route GET {self.path}', status=404, kind='not_found'))
 
-    def do_POST(self):
+    def post(self):
         if self.path != '/v1/completions':
             return self.send_error_json(RequestError(f'no route POST {self.path}', status=404, kind='not_found'))
         try:
@@ -405,7 +290,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(f'the request body must be 0 to {max_body_bytes:,} bytes (Content-Length: '
                                    f'{self.headers.get("Content-Length")})', status=413, kind='request_too_large')
             try:
-                raw = self.rfile.read(length)
+                raw = self.read_body(length)
             except TimeoutError:
                 self.close_connection = True
                 raise RequestError(f'the request body did not arrive within {read_timeout_s:g} s', status=408,
@@ -415,23 +300,36 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(f'the body ended after {len(raw)} of {length} bytes')
             try:
                 body = json.loads(raw or b'null')
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:   # (or nested too deep)
                 raise RequestError(f'the body is not valid JSON ({e})')
             r = parse_request(body, tokenizer, model.config)
             sink = queue.Queue()
-            rows, index = [], 0
-            for p, prompt in enumerate(r['prompts']):
-                for j in range(r['n']):
-                    seed = (r['seed'] if r['seed'] is not None else int.from_bytes(uuid.uuid4().bytes[:4], 'big')) + j
-                    rows.append(Row(r, prompt, index, seed, sink))
-                    index += 1
-            engine.submit(rows)
+            # Choice j's generator comes from (seed, j): requests with different seeds never share a choice.
+            seed = r['seed'] if r['seed'] is not None else int.from_bytes(uuid.uuid4().bytes[:8], 'big') >> 1
+            seeds = [int(s.generate_state(1, np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(
+                len(r['prompts']) * r['n'])]
+            r['rows'] = rows = [Row(r, prompt, i, seeds[i], sink)
+                                for i, prompt in enumerate(p for p in r['prompts'] for _ in range(r['n']))]
+            if len({id(x.request) for x in list(engine.waiting)}) >= max_pending:
+                raise RequestError(f'the server is busy ({max_pending} requests waiting); try again shortly',
+                                   status=503, kind='server_busy')
+            try:
+                engine.submit(rows)
+            except EngineStopped as e:
+                raise RequestError(str(e), status=503, kind='engine_stopped')
         except RequestError as e:
             return self.send_error_json(e)
+        try:
+            self.answer(r, rows, sink)
+        finally:        # however the request ends (done, failed, its client gone), its rows leave the engine
+            for row in rows:
+                row.cancel()
+
+    def answer(self, r, rows, sink):
+        """Wait for the rows' text and send it: as SSE chunks (stream) or as one JSON body."""
         cid, created = completion_id(), int(time.time())
         chunk = lambda choices: {'id': cid, 'object': 'text_completion', 'created': created, 'model': model_name,
                                  'choices': choices}
-        texts, reasons, tokens = [''] * len(rows), [None] * len(rows), [0] * len(rows)
         if r['stream']:
             self.send_response(200)
             self.send_header('Content-Type', 'text/event-stream')
@@ -439,28 +337,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header('Connection', 'close')
             self.end_headers()
             self.close_connection = True
-        pending = len(rows)
-        while pending:
-            item = sink.get()
-            if item[0] == 'error':
-                error = RequestError(f'generation failed: {item[1]}', status=500, kind='server_error')
-                if not r['stream']:
-                    return self.send_error_json(error)
-                return self.write_event({'error': {'message': str(error), 'type': error.kind}})
-            kind, i = item[0], item[1]
-            if kind == 'text':
-                texts[i] += item[2]
-                sent = not r['stream'] or self.write_event(chunk([{'text': item[2], 'index': i, 'logprobs': None,
-                                                                   'finish_reason': None}]))
-            else:
-                reasons[i], tokens[i] = item[2], item[3]
-                pending -= 1
-                sent = not r['stream'] or self.write_event(chunk([{'text': '', 'index': i, 'logprobs': None,
-                                                                   'finish_reason': reasons[i]}]))
-            if not sent:  # the client went away: its rows leave the engine at its next step
-                for row in rows:
-                    row.cancelled = True
-                return
+        done = self.relay(r, len(rows), sink, chunk)
+        if done is None:
+            return
+        texts, reasons, tokens = done
         prompt_tokens = sum(len(p) for p in r['prompts']) * r['n']
         usage = {'prompt_tokens': prompt_tokens, 'completion_tokens': sum(tokens),
                  'total_tokens': prompt_tokens + sum(tokens)}
@@ -471,6 +351,64 @@ class Handler(BaseHTTPRequestHandler):
             return
         choices = [{'text': texts[i], 'index': i, 'logprobs': None, 'finish_reason': reasons[i]} for i in range(len(rows))]
         self.send_json(200, {**chunk(choices), 'usage': usage})
+
+    def relay(self, r, n, sink, chunk):
+        """The n rows' (texts, finish reasons, token counts), passing text on as it comes when streaming;
+        None when the request ended early: its client left, or it failed (answered here with the error)."""
+        texts, reasons, tokens, pending = [''] * n, [None] * n, [0] * n, n
+        while pending:
+            try:
+                item = sink.get(timeout=0.2)
+            except queue.Empty:         # an engine that stopped sends nothing more: say so
+                item = None if engine.alive else ('error', engine.snapshot['error'])
+            if self.client_gone():      # checked between blocks: a client that only waits is noticed too
+                return None
+            if item is None:
+                continue
+            if item[0] == 'error':
+                error = RequestError(f'generation failed: {item[1]}', status=500, kind='server_error')
+                if not r['stream']:
+                    self.send_error_json(error)
+                else:
+                    self.write_event({'error': {'message': str(error), 'type': error.kind}})
+                return None
+            kind, i = item[0], item[1]
+            if kind == 'text':
+                texts[i] += item[2]
+                sent = not r['stream'] or self.write_event(chunk([{'text': item[2], 'index': i, 'logprobs': None,
+                                                                   'finish_reason': None}]))
+            else:
+                reasons[i], tokens[i] = item[2], item[3]
+                pending -= 1
+                sent = not r['stream'] or self.write_event(chunk([{'text': '', 'index': i, 'logprobs': None,
+                                                                   'finish_reason': reasons[i]}]))
+            if not sent:                # a write failed: the client went away
+                return None
+        return texts, reasons, tokens
+
+    def read_body(self, length):
+        # The whole body within read_timeout_s, however slowly it trickles in: a client sending a byte at a
+        # time would otherwise hold this thread for read_timeout_s per byte.
+        deadline, raw = time.monotonic() + read_timeout_s, bytearray()
+        while len(raw) < length:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.connection.settimeout(left)
+            chunk = self.rfile.read1(length - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+        self.connection.settimeout(read_timeout_s)
+        return bytes(raw)
+
+    def client_gone(self):
+        # A client that closed its connection makes the socket readable with nothing to read.
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b''
+        except (OSError, ValueError):
+            return True
 
     def write_event(self, obj):
         try:
@@ -498,7 +436,7 @@ if __name__ == '__main__':
         raise SystemExit(f'--init_from={init_from}: {e}') from None
     model_name = model_name or init_from
     started = int(time.time())
-    engine = Engine()
+    engine = Engine(model, device, max_batch, batch_wait_ms / 1000)
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     print(f'serving {model_name} ({model.config.block_size}-token blocks, {device} {dtype}) on '

@@ -78,7 +78,7 @@ ema = 0.999                 # EMA decay; evaluation, samples and saved weights u
 # run
 max_minutes = 9.0           # stop after this many minutes (0: no limit); a checkpoint is written
 num_samples = 3             # samples printed at the end
-sample_tokens = 96
+sample_tokens = 96          # their length (0: no samples)
 seed = 1337
 device = 'auto'             # 'auto', 'cpu', 'cuda', ...
 dtype = 'auto'              # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16'
@@ -506,7 +506,7 @@ if master:
     with open(os.path.join(out_dir, 'final.json'), 'w') as f:
         json.dump({'val_nelbo': stats['val_nelbo'], 'val_ppl': safe_exp(stats['val_nelbo']), 'iter': iter_num,
                    'minutes': (time.time() - start_time) / 60}, f)
-    if num_samples > 0:
+    if num_samples > 0 and sample_tokens > 0:
         enc = get_tokenizer(model)
         with ema_weights():
             model.eval()

@@ -40,9 +40,10 @@ def run(block_size, batch_size, kv_cache, steps):
                                cond_dim=128, n_layers=args.n_layers, n_heads=args.n_heads)
     model = bd3lm.BD3LM(config).to(args.device, getattr(torch, args.dtype)).eval()
     if args.compile:
-        model._run = torch.compile(model._run, dynamic=True)
+        model.transformer = torch.compile(model.transformer, dynamic=True)
     idx = torch.full((batch_size, 1), config.bos_id, device=args.device)
-    gen = lambda n: model.generate(idx, n, steps=steps, kv_cache=kv_cache, return_stats=True,
+    gen = lambda n: model.generate(idx, n, rule='steps' if steps else 'first_hitting', knob=steps, kv_cache=kv_cache,
+                                   return_stats=True,
                                    generator=torch.Generator(args.device).manual_seed(0))
     gen(2 * block_size)  # warm-up (allocation, compilation)
     if args.device.startswith('cuda'):

@@ -52,15 +52,15 @@ def bare():
     cache = bd3lm.KVCache(config.n_layers, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
                           bs, 'cpu', torch.float32)
     x = torch.randint(0, 999, (1, bs))
-    c = model._cond(x, None)
+    c = model.cond(None, 1)
     n_blocks = -(-(args.tokens + 1) // bs)
     per_block = calls // n_blocks
     for b in range(n_blocks):
         positions = torch.arange(b * bs, (b + 1) * bs)
         for _ in range(per_block):
-            h = model._hidden(x, None, positions, cache)
+            h = model.hidden(x, c, positions, cache)
             model.output_layer(h[:, 0], c)
-        cache.n_committed += 1
+        cache.commit()
 
 
 bare_time = best_of(bare)

@@ -88,14 +88,17 @@ else:
 # --- the rules ---------------------------------------------------------------------------------------------
 bs = model.config.block_size
 RULES = [('first-hitting', {})]
-RULES += [(f'steps={K}', {'steps': K}) for K in (8, 4, 2, 1)]
-RULES += [(f'threshold={tau}, {order}', {'threshold': tau, 'order': order})
+RULES += [(f'steps={K}', {'rule': 'steps', 'knob': K}) for K in (8, 4, 2, 1)]
+RULES += [(f'threshold={tau}, {order}', {'rule': 'threshold', 'knob': tau, 'order': order})
           for order in ('uniform', 'confidence') for tau in (0.9, 0.7, 0.5, 0.3, 0.1)]
 # gamma up to 64 nats: a small model's positions often carry more than 4 nats each, so a narrow sweep
 # never leaves one token per call
-RULES += [(f'entropy_bound={gamma}, {order}', {'entropy_bound': gamma, 'order': order})
+RULES += [(f'entropy_bound={gamma}, {order}', {'rule': 'entropy_bound', 'knob': gamma, 'order': order})
           for order in ('entropy', 'uniform') for gamma in (0.5, 2.0, 8.0, 16.0, 32.0, 64.0)]
-RULES += [(f'tokens_per_call={k}', {'tokens_per_call': k}) for k in (2, 4, 8)]
+RULES += [(f'tokens_per_call={k}', {'rule': 'tokens_per_call', 'knob': k}) for k in (2, 4, 8)]
+# lossless: first-hitting's law (uniform order) or lowest-entropy-first's, several tokens per call
+RULES += [(f'speculative={k}, {order}', {'rule': 'speculative', 'knob': k, 'order': order})
+          for order in ('uniform', 'entropy') for k in (2, 4, 16)]
 
 
 def generate(kwargs, seeds):
@@ -109,8 +112,8 @@ results = []
 print(f'model: {args.out_dir}/model, val NELBO {final["model"]["val_nelbo"]:.3f} (ppl <= {final["model"]["val_ppl"]:.0f}); '
       f'judge: {judge_name}; {args.samples} samples x {args.tokens} tokens, top_p {args.top_p}, temperature '
       f'{args.temperature}, torch threads {torch.get_num_threads()}', flush=True)
-print(f'{"rule":<32} {"calls/token":>11} {"tokens/call":>11} {"tokens/s":>9} {"gen PPL":>8} {"(tok-wtd)":>9} '
-      f'{"entropy":>8}')
+print(f'{"rule":<32} {"calls/token":>11} {"tokens/call":>11} {"rows x tok":>10} {"tokens/s":>9} {"gen PPL":>8} '
+      f'{"(tok-wtd)":>9} {"entropy":>8}')
 for name, kwargs in RULES:
     seeds = list(range(args.samples))
     with torch.no_grad():
@@ -126,18 +129,21 @@ for name, kwargs in RULES:
     total = sum(float(nll[keep].double().sum()) for nll, keep in scored)
     count = sum(int(keep.sum()) for _, keep in scored)
     calls = [int(n) / args.tokens for n in stats['row_nfe']]
-    result = {'rule': name, 'kwargs': kwargs, 'calls_per_token': sum(calls) / len(calls),
+    compute = float(stats['rows_x_tokens'].double().sum()) / (len(seeds) * args.tokens)   # block rows x tokens
+    result = {'rule': name, 'kwargs': kwargs, 'calls_per_token': sum(calls) / len(calls), 'compute_per_token': compute,
               'calls_per_token_per_sample': calls, 'tokens_per_s': tokens_per_s,
               'gen_ppl_mean': sum(per_sample) / len(per_sample), 'gen_ppl': math.exp(total / count),
-              'entropy': sum(bd3lm._unigram_entropy(torch.tensor(r)) for r in rows) / len(rows),
+              'entropy': sum(bd3lm.unigram_entropy(torch.tensor(r)) for r in rows) / len(rows),
               'example': enc.decode(rows[0])[:300]}
     results.append(result)
-    print(f'{name:<32} {result["calls_per_token"]:11.3f} {1 / result["calls_per_token"]:11.2f} {tokens_per_s:9.1f} '
+    print(f'{name:<32} {result["calls_per_token"]:11.3f} {1 / result["calls_per_token"]:11.2f} {compute:10.2f} '
+          f'{tokens_per_s:9.1f} '
           f'{result["gen_ppl_mean"]:8.1f} {result["gen_ppl"]:9.1f} {result["entropy"]:8.3f}', flush=True)
 
 # --- the targets, stated from the numbers ------------------------------------------------------------------
 base = results[0]
-adaptive = [r for r in results if any(k in r['kwargs'] for k in ('threshold', 'entropy_bound', 'tokens_per_call'))]
+adaptive = [r for r in results if r['kwargs'].get('rule') in ('threshold', 'entropy_bound', 'tokens_per_call',
+                                                               'speculative')]
 close = [r for r in adaptive if r['calls_per_token'] <= 0.5 * base['calls_per_token']
          and r['gen_ppl_mean'] <= 1.1 * base['gen_ppl_mean'] and abs(r['entropy'] - base['entropy']) <= 0.1]
 print(f'\nfirst-hitting: gen PPL {base["gen_ppl_mean"]:.1f}, entropy {base["entropy"]:.3f}, 1 call per token')
@@ -148,7 +154,7 @@ if close:
 else:
     print('target 1 not met: no adaptive setting reaches half of first-hitting\'s calls with gen PPL within 10% and '
           'entropy within 0.1 nats')
-for r in (r for r in results if 'steps' in r['kwargs']):
+for r in (r for r in results if r['kwargs'].get('rule') == 'steps'):
     rivals = [a for a in adaptive if a['calls_per_token'] <= r['calls_per_token'] * 1.05
               and abs(a['entropy'] - r['entropy']) <= 0.1]
     best = min(rivals, key=lambda a: a['gen_ppl_mean']) if rivals else None
@@ -165,10 +171,10 @@ def decoding_order(kwargs, prompt='The Python interpreter', n_blocks=4, seed=0):
     idx = torch.tensor([[model.config.bos_id] + enc.encode(prompt)])
     step, reveals, blocks = bd3lm.denoise_step, [], []
 
-    def recording(model_, xb, state, *rest):                  # bd3lm.denoise_step, watched
-        before = state.active[0].clone()
-        called = step(model_, xb, state, *rest)
-        reveals.append(before & ~state.active[0])
+    def recording(model_, xb, masked, *rest):                 # bd3lm.denoise_step, watched
+        before = masked[0].clone()
+        called = step(model_, xb, masked, *rest)
+        reveals.append(before & ~masked[0])
         return called
 
     def on_block(x, end):
@@ -190,10 +196,11 @@ def decoding_order(kwargs, prompt='The Python interpreter', n_blocks=4, seed=0):
     return {'prompt': prompt, 'calls': order, 'tokens': tokens, 'first_position': first}
 
 
-ORDER_RULES = [('first-hitting', {}), ('threshold=0.5, uniform', {'threshold': 0.5, 'order': 'uniform'}),
-               ('threshold=0.5, confidence', {'threshold': 0.5, 'order': 'confidence'}),
-               ('entropy_bound=1.0, entropy', {'entropy_bound': 1.0, 'order': 'entropy'}),
-               ('tokens_per_call=4', {'tokens_per_call': 4})]
+ORDER_RULES = [('first-hitting', {}), ('threshold=0.5, uniform', {'rule': 'threshold', 'knob': 0.5, 'order': 'uniform'}),
+               ('threshold=0.5, confidence', {'rule': 'threshold', 'knob': 0.5, 'order': 'confidence'}),
+               ('entropy_bound=1.0, entropy', {'rule': 'entropy_bound', 'knob': 1.0, 'order': 'entropy'}),
+               ('tokens_per_call=4', {'rule': 'tokens_per_call', 'knob': 4}),
+               ('speculative=4, uniform', {'rule': 'speculative', 'knob': 4})]
 orders = {name: decoding_order(kwargs) for name, kwargs in ORDER_RULES}
 with open(os.path.join(args.out_dir, 'frontier.json'), 'w') as f:
     json.dump({'model': final['model'], 'judge': judge_name, 'judge_final': final['judge'] if args.judge is None else None,

@@ -100,7 +100,7 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
             _, stats = model.generate(torch.full((1, 1), model.config.bos_id), args.sample_tokens, return_stats=True,
                                       generator=torch.Generator().manual_seed(0))
             sample_s = time.time() - t1
-            _, stats1 = model.generate(torch.full((1, 1), model.config.bos_id), args.sample_tokens, steps=1,
+            _, stats1 = model.generate(torch.full((1, 1), model.config.bos_id), args.sample_tokens, rule='steps', knob=1,
                                        return_stats=True, generator=torch.Generator().manual_seed(0))
             row.update({'var_full': var_full, 'clip_interval': list(best), 'var_clipped': var_clipped,
                         'nfe_first_hitting': stats['nfe'], 'tokens_per_s': args.sample_tokens / sample_s,

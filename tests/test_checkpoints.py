@@ -16,15 +16,12 @@ from conftest import REFERENCE, random_model
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 LM1B = os.path.join(REFERENCE, '..', 'lm1b_bert_tiny_bs8')
 LM1B_CKPT = os.path.join(LM1B, 'lightning.ckpt')
-needs_lm1b = pytest.mark.skipif(not os.path.exists(LM1B_CKPT), reason='shared LM1B fixture not next to this checkout')
 SENTENCES = ['Zorblick fenfen, zorblicks quarquared!', 'MIPMIP snuvashing: trovtrov? [SEP] Kreedrum.',
              "yeltyelt's zorzor don't blickblickly", 'Ünïcödé zorfen — unknownword ...']
 
 
 @pytest.fixture(scope='module')
 def lm1b():
-    if not os.path.exists(LM1B_CKPT):
-        pytest.skip('shared LM1B fixture not next to this checkout')
     return bd3lm.BD3LM.from_pretrained(LM1B_CKPT), torch.load(os.path.join(LM1B, 'reference.pt'), weights_only=False)
 
 
@@ -61,7 +58,6 @@ def test_special_tokens_and_vocabulary_survive_save_pretrained(lm1b, tmp_path):
         bd3lm.BD3LM.from_pretrained(tmp_path)
 
 
-@needs_lm1b
 def test_lightning_checkpoint_loads_without_transformers_or_omegaconf_and_runs_nothing(tmp_path):
     # Importing either package fails in this process, and any attempt to build a pickled object's real
     # class would need them: the loader only reads data.
@@ -74,7 +70,6 @@ def test_lightning_checkpoint_loads_without_transformers_or_omegaconf_and_runs_n
     assert out.stdout.split() == ['103', '101', '101', 'None']
 
 
-@needs_lm1b
 def test_sample_py_prints_text_in_the_checkpoint_s_vocabulary():
     out = subprocess.run([sys.executable, 'sample.py', f'--init_from={LM1B_CKPT}', '--start=Zorblick fenfen,',
                           '--max_new_tokens=20', '--seed=3'], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -89,8 +84,6 @@ def test_sample_py_prints_text_in_the_checkpoint_s_vocabulary():
 
 def test_wordpiece_matches_bert_tokenizer():
     transformers = pytest.importorskip('transformers')
-    if not os.path.exists(LM1B_CKPT):
-        pytest.skip('shared LM1B fixture not next to this checkout')
     model = bd3lm.BD3LM.from_pretrained(LM1B_CKPT)
     enc = get_tokenizer(model)
     import tempfile
@@ -110,8 +103,6 @@ def test_text_stream_adds_up_to_the_completion(kind):
         enc = get_tokenizer()
         prompt, new = enc.encode('Prompt:'), enc.encode(' naïve café 日本語 😀 done.\n and more')
     else:
-        if not os.path.exists(LM1B_CKPT):
-            pytest.skip('shared LM1B fixture not next to this checkout')
         enc = get_tokenizer(bd3lm.BD3LM.from_pretrained(LM1B_CKPT))
         # '##ing' continues the prompt's last word, '##ed' a generated one, punctuation is cleaned up
         prompt, new = enc.encode('zorblick'), [279, 136, 105, 109, 278, 150, 104, 122, 106, 102, 164]
@@ -163,7 +154,6 @@ def test_dataset_defaults_follow_the_paper():
     assert prepare.detokenize('lm1b', 'He said , " hi " to me .') == 'He said, "hi" to me.'
 
 
-@needs_lm1b
 def test_wordpiece_dataset_trains_a_model_with_the_vocabulary(docs, tmp_path):
     vocab = tmp_path / 'vocab.txt'
     vocab.write_text(''.join(t + '\n' for t in json.load(open(os.path.join(LM1B, 'words.json')))))
@@ -257,7 +247,6 @@ def test_lightning_checkpoints_of_other_objectives_are_refused(tmp_path, algo, n
         bd3lm.BD3LM.from_pretrained(tmp_path / 'x.ckpt')
 
 
-@needs_lm1b
 def test_lm1b_stream_and_frames_equal_what_bd3lms_builds_with_bert_tokenizer(tmp_path):
     # bd3lms (dataloader.py) with BertTokenizer: bos/eos tokens set to [CLS]/[SEP], then
     # BOS = tokenizer.encode(bos_token)[0], EOS = tokenizer.encode(eos_token)[0]; each sentence tokenized

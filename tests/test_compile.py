@@ -68,7 +68,7 @@ def test_compiled_flex_attention_equals_sdpa_for_both_masks():
     model = random_model(block_size=4, model_length=32).use_flex_attention()
     g = torch.Generator().manual_seed(0)
     for kind, n in (('train', 32), ('infer', 32)):
-        dense, block_mask = model._mask(kind, n)
+        dense, block_mask = model.attention_mask(kind, n)
         size = dense.shape[0]
         q, k, v = (torch.randn(2, 4, size, 16, generator=g) for _ in range(3))
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)

@@ -149,7 +149,7 @@ def test_sample_py_gen_ppl_equals_a_slow_per_token_loop(judge, tmp_path):
     assert result['gen_ppl_mean'] == pytest.approx(mean, rel=1e-4)     # mean of per-sample perplexities (Table 3)
     assert result['gen_ppl_mean'] != pytest.approx(result['gen_ppl'], rel=1e-6)
     # entropy as bd3lms measures it: per sample over the judge's ids (its BOS first), then averaged
-    entropies = [bd3lm._unigram_entropy(torch.tensor([tok.bos_token_id] + tok.encode(s))) for s in result['samples']]
+    entropies = [bd3lm.unigram_entropy(torch.tensor([tok.bos_token_id] + tok.encode(s))) for s in result['samples']]
     assert result['entropy'] == pytest.approx(sum(entropies) / 3, rel=1e-9)
     assert result['settings']['gen_ppl_model'] == folder and result['settings']['top_p'] == 0.9
 
@@ -205,9 +205,9 @@ def test_retry_degenerate_redraws_a_repeated_sample_and_keeps_a_fresh_one(tmp_pa
 
 
 @pytest.mark.parametrize('flags,message', [
-    (['--threshold=1.5'], 'threshold must be in'), (['--entropy_bound=-1.0'], 'entropy_bound must be'),
-    (['--tokens_per_call=0'], 'tokens_per_call must be'), (['--threshold=0.9', '--steps=2'], 'choose one unmasking rule'),
-    (['--order=sideways', '--threshold=0.5'], 'order must be one of'), (['--nucleus=top'], 'nucleus must be one of'),
+    (['--rule=threshold', '--knob=1.5'], "rule 'threshold' needs a knob"), (['--rule=threshold'], 'needs a knob'),
+    (['--rule=tokens_per_call', '--knob=0'], 'an integer in'), (['--rule=margin'], 'rule must be one of'),
+    (['--order=sideways', '--rule=threshold', '--knob=0.5'], 'order must be one of'), (['--nucleus=top'], 'nucleus must be one of'),
     (['--retry_degenerate=1'], 'retry_degenerate')])
 def test_sample_py_rule_flags_are_checked_before_loading(flags, message):
     out = subprocess.run([sys.executable, 'sample.py', '--init_from=does-not-exist', *flags], capture_output=True,
@@ -218,11 +218,12 @@ def test_sample_py_rule_flags_are_checked_before_loading(flags, message):
 
 def test_sample_py_runs_each_rule_and_reports_tokens_per_call(tmp_path):
     random_model(vocab_size=50258, block_size=4, model_length=32, hidden_dim=32, n_heads=2).save_pretrained(tmp_path / 'm')
-    for flags in (['--threshold=0.0'], ['--entropy_bound=1000.0', '--order=uniform'], ['--tokens_per_call=2']):
+    for flags in (['--rule=threshold', '--knob=0.0'], ['--rule=entropy_bound', '--knob=1000.0', '--order=uniform'],
+                  ['--rule=tokens_per_call', '--knob=2']):
         out = subprocess.run([sys.executable, 'sample.py', f'--init_from={tmp_path / "m"}', '--max_new_tokens=31',
                               f'--out_file={tmp_path / "s.json"}', *flags], capture_output=True, text=True, cwd=ROOT,
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         result = json.loads((tmp_path / 's.json').read_text())
-        expected = 2.0 if flags == ['--tokens_per_call=2'] else 31 / 8          # 8 blocks, one call each
+        expected = 2.0 if flags[0] == '--rule=tokens_per_call' else 31 / 8      # 8 blocks, one call each
         assert result['tokens_per_call'][0] == pytest.approx(expected, rel=0.1) and 'tokens per call' in out.stderr

@@ -182,10 +182,10 @@ def test_flags_take_every_documented_value(data_dir, tmp_path):
     out = run('train.py', *TINY, f'--data_dir={data_dir}', '--dataset=tiny', f'--out_dir={tmp_path}',
               '--flex_attention=False', '--max_iters=1', '--eval_interval=1000')
     assert out.returncode == 0, out.stderr[-1500:]
-    for args, message in [(['--stop_entropy=abc'], 'stop_entropy'), (['--steps=0'], 'steps'), (['--top_p=2'], 'top_p')]:
+    for args, message in [(['--stop_entropy=abc'], 'stop_entropy'), (['--rule=steps', '--knob=0'], 'knob'), (['--top_p=2'], 'top_p')]:
         out = run('sample.py', f'--init_from={tmp_path}', *args)
         assert out.returncode != 0 and message in out.stderr and 'Traceback' not in out.stderr
-    out = run('sample.py', f'--init_from={tmp_path}', '--steps=2', '--stop_entropy=4.0', '--max_new_tokens=8')
+    out = run('sample.py', f'--init_from={tmp_path}', '--rule=steps', '--knob=2', '--stop_entropy=4.0', '--max_new_tokens=8')
     assert out.returncode == 0, out.stderr[-1500:]
     assert 'Overriding' not in out.stdout
 

@@ -1,5 +1,6 @@
 """The block-by-block sampler: exact KV cache, counts of model calls, the distribution it draws from."""
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ def test_cached_equals_uncached_even_past_model_length(steps, P):
     outs = []
     for kv_cache in (True, False):
         g = torch.Generator().manual_seed(7)
-        outs.append(model.generate(idx, 45, steps=steps, kv_cache=kv_cache, generator=g))   # ~3x model_length
+        rule = dict(rule='steps', knob=steps) if steps else {}
+        outs.append(model.generate(idx, 45, kv_cache=kv_cache, generator=g, **rule))   # ~3x model_length
     assert torch.equal(outs[0], outs[1])
     out = outs[0]
     assert out.shape == (2, P + 45)
@@ -53,8 +55,8 @@ def test_first_hitting_makes_one_model_call_per_new_token(block_size):
 def test_fixed_steps_make_at_most_steps_calls_per_block(steps):
     model = random_model(block_size=4, model_length=16)
     new = 30
-    out, stats = model.generate(prompt(model, P=2), new, steps=steps, generator=torch.Generator().manual_seed(0),
-                                return_stats=True)
+    out, stats = model.generate(prompt(model, P=2), new, rule='steps', knob=steps,
+                                generator=torch.Generator().manual_seed(0), return_stats=True)
     blocks = -(-(2 + new) // 4)
     assert 0 < stats['nfe'] <= steps * blocks
     assert not (out == model.config.mask_id).any()
@@ -74,13 +76,16 @@ def _conditionals(model, x):
 
 RULES = {  # every unmasking rule, and the law it should draw two tokens of one block from
     'first-hitting': ({}, 'uniform'),
-    'one ancestral step': ({'steps': 1}, 'together'),
-    'threshold 1, uniform order': ({'threshold': 1.0}, 'uniform'),       # nothing exceeds 1: first-hitting's law
-    'threshold 0': ({'threshold': 0.0}, 'together'),                    # everything at once
-    'entropy bound 0, uniform order': ({'entropy_bound': 0.0, 'order': 'uniform'}, 'uniform'),
-    'entropy bound 0, entropy order': ({'entropy_bound': 0.0}, 'lowest entropy first'),
-    'threshold 1, confidence order': ({'threshold': 1.0, 'order': 'confidence'}, None),   # law not closed-form
-    'two per call': ({'tokens_per_call': 2}, 'together'),
+    'one ancestral step': ({'rule': 'steps', 'knob': 1}, 'together'),
+    # two steps: each position's reveal step is uniform over {0, 1}: together half the time
+    'two ancestral steps': ({'rule': 'steps', 'knob': 2}, 'half together'),
+    'a huge number of steps': ({'rule': 'steps', 'knob': 10 ** 15}, 'uniform'),     # first-hitting's law
+    'threshold 1, uniform order': ({'rule': 'threshold', 'knob': 1.0, 'order': 'uniform'}, 'uniform'),
+    'threshold 0': ({'rule': 'threshold', 'knob': 0.0}, 'together'),                # everything at once
+    'entropy bound 0, uniform order': ({'rule': 'entropy_bound', 'knob': 0.0, 'order': 'uniform'}, 'uniform'),
+    'entropy bound 0, entropy order': ({'rule': 'entropy_bound', 'knob': 0.0}, 'lowest entropy first'),
+    'threshold 1, confidence order': ({'rule': 'threshold', 'knob': 1.0}, None),   # law not closed-form
+    'two per call': ({'rule': 'tokens_per_call', 'knob': 2}, 'together'),
 }
 
 
@@ -99,12 +104,12 @@ def test_sampler_draws_from_the_model_distribution(rule):
     for a, b in itertools.product(range(5), range(5)):
         p_a_then = _conditionals(model, torch.tensor([[bos, a, M, M]]))[0, 2, b]
         p_b_then = _conditionals(model, torch.tensor([[bos, M, b, M]]))[0, 1, a]
-        if law == 'together':     # both tokens revealed by one call, independently
-            exact[a, b] = p_mm[1, a] * p_mm[2, b]
-        elif law == 'uniform':    # a uniformly chosen position first, then the other given it
-            exact[a, b] = 0.5 * p_mm[1, a] * p_a_then + 0.5 * p_mm[2, b] * p_b_then
-        else:                     # the position with the lower entropy first
-            exact[a, b] = p_mm[1, a] * p_a_then if entropy[0] < entropy[1] else p_mm[2, b] * p_b_then
+        together = p_mm[1, a] * p_mm[2, b]                    # both revealed by one call, independently
+        uniform = 0.5 * p_mm[1, a] * p_a_then + 0.5 * p_mm[2, b] * p_b_then   # a random one first
+        exact[a, b] = {'together': together, 'uniform': uniform, 'half together': 0.5 * together + 0.5 * uniform,
+                       # the position with the lower entropy first
+                       'lowest entropy first': p_mm[1, a] * p_a_then if entropy[0] < entropy[1]
+                       else p_mm[2, b] * p_b_then}[law]
     n = 20_000
     out = model.generate(torch.full((n, 1), bos), 2, generator=torch.Generator().manual_seed(0), **kwargs)
     counts = torch.zeros(5, 5, dtype=torch.float64)
@@ -115,10 +120,10 @@ def test_sampler_draws_from_the_model_distribution(rule):
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
-    torch.testing.assert_close(bd3lm._nucleus(probs, 0.5), torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64))
-    torch.testing.assert_close(bd3lm._nucleus(probs, 0.6), torch.tensor([[0.625, 0.375, 0, 0]], dtype=torch.float64))
-    torch.testing.assert_close(bd3lm._nucleus(probs, 0.9), torch.tensor([[0.5, 0.3, 0.15, 0]], dtype=torch.float64) / 0.95)
-    assert torch.equal(bd3lm._nucleus(probs, 1.0), probs)
+    torch.testing.assert_close(bd3lm.nucleus(probs, 0.5), torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64))
+    torch.testing.assert_close(bd3lm.nucleus(probs, 0.6), torch.tensor([[0.625, 0.375, 0, 0]], dtype=torch.float64))
+    torch.testing.assert_close(bd3lm.nucleus(probs, 0.9), torch.tensor([[0.5, 0.3, 0.15, 0]], dtype=torch.float64) / 0.95)
+    assert torch.equal(bd3lm.nucleus(probs, 1.0), probs)
 
 
 def test_bd3lms_nucleus_drops_the_token_that_crosses_top_p():
@@ -132,10 +137,10 @@ def test_bd3lms_nucleus_drops_the_token_that_crosses_top_p():
     cases = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.95, 0.03, 0.01, 0.01],
                           [0.25, 0.25, 0.25, 0.25], [0.4, 0.4, 0.1, 0.1]], dtype=torch.float64)
     for p in (0.5, 0.8, 0.9, 0.95):                   # 0.9 with [0.95, ...]: the top token alone crosses p
-        torch.testing.assert_close(bd3lm._nucleus(cases, p, 'bd3lms'), bd3lms(cases, p), rtol=0, atol=1e-12)
+        torch.testing.assert_close(bd3lm.nucleus(cases, p, 'bd3lms'), bd3lms(cases, p), rtol=0, atol=1e-12)
     # the two rules differ exactly on the crossing token: 0.5 + 0.3 crosses 0.6
-    assert bd3lm._nucleus(cases[:1], 0.6, 'bd3lms').tolist() == [[1.0, 0.0, 0.0, 0.0]]
-    assert bd3lm._nucleus(cases[:1], 0.6)[0, 1] > 0
+    assert bd3lm.nucleus(cases[:1], 0.6, 'bd3lms').tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert bd3lm.nucleus(cases[:1], 0.6)[0, 1] > 0
     with pytest.raises(ValueError, match='nucleus must be one of'):
         random_model().generate(torch.tensor([[1]]), 4, nucleus='top')
 
@@ -179,7 +184,7 @@ def test_stop_on_low_entropy_drops_the_degenerate_window_as_bd3lms():
     prompt = torch.arange(10, 310)[None]                      # 300 distinct tokens: entropy ln 256 per window
     full = model.generate(prompt, 400)                        # the model only says 5
     # Slow rule: the first block end whose last 256 tokens have entropy < 4; bd3lms drops those 256.
-    end = next(e for e in range(304, 701, 16) if e > 256 and bd3lm._unigram_entropy(full[0, e - 256:e]) < 4)
+    end = next(e for e in range(304, 701, 16) if e > 256 and bd3lm.unigram_entropy(full[0, e - 256:e]) < 4)
     # With a constant output the window still reaches into the prompt when the rule fires, so the cut
     # stops at the prompt (it is never cut): every generated token of that window is dropped.
     out, stats = model.generate(prompt, 400, stop_entropy=4.0, return_stats=True)
@@ -204,8 +209,8 @@ def test_generate_rejects_bad_arguments():
         model.generate(torch.tensor([[1, model.config.mask_id]]), 4)
     with pytest.raises(ValueError, match='P >= 1'):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 4)
-    with pytest.raises(ValueError, match='steps'):
-        model.generate(good, 4, steps=0)
+    with pytest.raises(ValueError, match="knob: rule 'steps'"):
+        model.generate(good, 4, rule='steps', knob=0)
     with pytest.raises(ValueError, match='one per row'):
         model.generate(good, [3, 4])                           # two lengths for one row
 
@@ -227,30 +232,54 @@ def test_eos_defaults_to_the_model_s_own():
 # --- the adaptive unmasking rules ------------------------------------------------------------------
 
 
-def test_rule_functions_on_hand_made_blocks():
-    masked = torch.tensor([[True, True, True, False], [False, False, False, False]])
-    confidence = torch.tensor([[0.9, 0.3, 0.6, 0.99], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
-    entropy = torch.tensor([[0.2, 2.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
-    first = torch.tensor([[0.0, 0.0, 1.0, 5.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)   # position 2 first
-    knob = lambda v: torch.tensor([v, v], dtype=torch.float64)
+def hand_made(masked, confidence=None, entropy=None, priority=None):
+    # A Proposal's fields, as a rule reads them
+    t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)
+    return SimpleNamespace(masked=torch.tensor(masked), confidence=t(confidence), entropy=t(entropy),
+                           priority=t(priority) if priority is not None else None if entropy is None else -t(entropy))
+
+
+def test_rules_are_their_papers_definitions_on_hand_made_blocks():
     T, F_ = True, False
-    # above tau (position 0; position 3 is not masked), plus the first in order (position 2)
-    assert bd3lm.reveal_threshold(confidence, entropy, masked, first, knob(0.8)).tolist() == [[T, F_, T, F_], [F_] * 4]
-    assert bd3lm.reveal_threshold(confidence, entropy, masked, first, knob(1.0)).tolist() == [[F_, F_, T, F_], [F_] * 4]
-    # in order 2, then 0 (-confidence... here: the order 'first' ranks 2, then 0/1 tie by index); entropies 0.5, 0.2
-    by_entropy = -entropy
-    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(0.0)).tolist() == [[T, F_, F_, F_], [F_] * 4]
-    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(0.7)).tolist() == [[T, F_, T, F_], [F_] * 4]
-    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(2.69)).tolist() == [[T, F_, T, F_], [F_] * 4]
-    assert bd3lm.reveal_entropy_bound(confidence, entropy, masked, by_entropy, knob(2.7)).tolist() == [[T, T, T, F_], [F_] * 4]
-    k = torch.tensor([2, 2])
-    assert bd3lm.reveal_most_confident(confidence, entropy, masked, first, k).tolist() == [[T, F_, T, F_], [F_] * 4]
+    knob = lambda v, B=1: torch.tensor([v] * B, dtype=torch.float64)
+    # Fast-dLLM: every masked position with confidence >= tau (position 3 is not masked)
+    p = hand_made([[T, T, T, F_]], confidence=[[0.9, 0.3, 0.6, 0.99]])
+    assert bd3lm.threshold(p, knob(0.6)).tolist() == [[T, F_, T, F_]]
+    # ... and none at all above it: the sampler's fallback (confidence order) reveals the most confident
+    p = hand_made([[T, T, T, T]], confidence=[[0.9, 0.1, 0.1, 0.1]])
+    assert not bd3lm.threshold(p, knob(0.95)).any()
+    assert bd3lm.first(p.confidence, p.masked, 1).tolist() == [[T, F_, F_, F_]]
+    # EB-sampler: the longest prefix, lowest entropy first, with sum H - max H <= gamma
+    p = hand_made([[T, T, T, T]], entropy=[[0.3, 0.3, 0.3, 0.3]])
+    assert bd3lm.entropy_bound(p, knob(0.3)).sum().item() == 2
+    assert bd3lm.entropy_bound(p, knob(0.9)).sum().item() == 4
+    p = hand_made([[T, T, T, F_]], entropy=[[0.2, 2.0, 0.5, 0.0]])          # order: 0 (0.2), 2 (0.5), 1 (2.0)
+    assert bd3lm.entropy_bound(p, knob(0.0)).tolist() == [[T, F_, F_, F_]]
+    assert bd3lm.entropy_bound(p, knob(0.2)).tolist() == [[T, F_, T, F_]]    # 0.2 + 0.5 - 0.5
+    assert bd3lm.entropy_bound(p, knob(0.69)).tolist() == [[T, F_, T, F_]]
+    assert bd3lm.entropy_bound(p, knob(0.71)).tolist() == [[T, T, T, F_]]    # 0.2 + 0.5 + 2.0 - 2.0
+    # LLaDA: the k first in order (most confident)
+    p = hand_made([[T, T, T, F_]], confidence=[[0.9, 0.3, 0.6, 0.99]], priority=[[0.9, 0.3, 0.6, 0.99]])
+    assert bd3lm.tokens_per_call(p, knob(2)).tolist() == [[T, F_, T, F_]]
+
+
+def test_a_rule_that_reveals_nothing_falls_back_to_its_order(monkeypatch):
+    # The sampler guarantees progress: nothing revealed -> the first masked position in the order
+    # (confidence), which is exactly what one-most-confident-per-call draws, token for token.
+    model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2)
+    monkeypatch.setitem(bd3lm.RULES, 'nothing', lambda p, knob: torch.zeros_like(p.masked))
+    run = lambda **kw: model.generate(prompt(model, P=2), 30, generator=torch.Generator().manual_seed(1),
+                                      return_stats=True, **kw)
+    (a, sa), (b, sb) = run(rule='nothing'), run(rule='tokens_per_call', knob=1)
+    assert torch.equal(a, b) and sa['nfe'] == sb['nfe'] == 30
 
 
 @pytest.mark.parametrize('kwargs,calls_per_block', [
-    ({'threshold': 1.0}, None), ({'threshold': 1.0, 'order': 'confidence'}, None), ({'entropy_bound': 0.0}, None),
-    ({'threshold': 0.0}, 1), ({'entropy_bound': 1e9}, 1), ({'entropy_bound': 1e9, 'order': 'uniform'}, 1),
-    ({'tokens_per_call': 3}, 2), ({'tokens_per_call': 4}, 1), ({'tokens_per_call': 1}, None)])
+    (dict(rule='threshold', knob=1.0), None), (dict(rule='threshold', knob=1.0, order='uniform'), None),
+    (dict(rule='entropy_bound', knob=0.0), None), (dict(rule='threshold', knob=0.0), 1),
+    (dict(rule='entropy_bound', knob=1e9), 1), (dict(rule='entropy_bound', knob=1e9, order='uniform'), 1),
+    (dict(rule='tokens_per_call', knob=3), 2), (dict(rule='tokens_per_call', knob=4), 1),
+    (dict(rule='tokens_per_call', knob=1), None), (dict(rule='steps', knob=1), 1), (dict(rule='steps', knob=10 ** 9), None)])
 def test_model_calls_per_rule(kwargs, calls_per_block):
     # None: one token per call (NFE = new tokens); else calls per full block (ceil(block / k)).
     model = random_model(block_size=4, model_length=16)
@@ -261,8 +290,9 @@ def test_model_calls_per_rule(kwargs, calls_per_block):
     assert stats['row_nfe'].tolist() == [stats['nfe']] * 2
 
 
-RULE_CASES = [{'threshold': 0.05}, {'threshold': 0.05, 'order': 'confidence'}, {'entropy_bound': 4.0},
-              {'entropy_bound': 4.0, 'order': 'uniform'}, {'tokens_per_call': 2}]
+RULE_CASES = [dict(rule='threshold', knob=0.05), dict(rule='threshold', knob=0.05, order='uniform'),
+              dict(rule='entropy_bound', knob=4.0), dict(rule='entropy_bound', knob=4.0, order='uniform'),
+              dict(rule='tokens_per_call', knob=2), dict(rule='steps', knob=2)]
 
 
 @pytest.mark.parametrize('kwargs', RULE_CASES)
@@ -281,10 +311,11 @@ def test_a_row_is_the_same_alone_and_in_a_batch_with_other_settings():
     model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2).double()
     idx = prompt(model, B=3, P=3)
     taus, temps, top_ps, lengths = [0.05, 0.5, 1.0], [1.0, 0.7, 0.0], [1.0, 0.8, 0.5], [30, 17, 23]
-    batch, stats = model.generate(idx, lengths, threshold=taus, temperature=temps, top_p=top_ps, return_stats=True,
+    batch, stats = model.generate(idx, lengths, rule='threshold', knob=taus, temperature=temps, top_p=top_ps,
+                                  return_stats=True,
                                   generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
     for r in range(3):
-        alone, alone_stats = model.generate(idx[r:r + 1], lengths[r], threshold=taus[r], temperature=temps[r],
+        alone, alone_stats = model.generate(idx[r:r + 1], lengths[r], rule='threshold', knob=taus[r], temperature=temps[r],
                                             top_p=top_ps[r], generator=[torch.Generator().manual_seed(5 + r)],
                                             return_stats=True)
         assert torch.equal(alone[0], batch[r, :alone.shape[1]])
@@ -293,18 +324,18 @@ def test_a_row_is_the_same_alone_and_in_a_batch_with_other_settings():
     assert max(stats['row_nfe'].tolist()) <= stats['nfe'] < sum(stats['row_nfe'].tolist())
 
 
-@pytest.mark.parametrize('kwargs', RULE_CASES + [{}, {'steps': 2}])
+@pytest.mark.parametrize('kwargs', RULE_CASES + [{}])
 def test_revealed_tokens_never_change(kwargs, monkeypatch):
     model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2)
     M = model.config.mask_id
     step, calls = bd3lm.denoise_step, []
 
-    def watched(model, xb, state, *args):
+    def watched(model, xb, masked, *args):
         before = xb.clone()
-        called = step(model, xb, state, *args)
+        called = step(model, xb, masked, *args)
         revealed = before != M
         assert torch.equal(xb[revealed], before[revealed])            # a revealed token stays as it was
-        assert not (xb[state.active] != M).any()                       # still-masked positions hold the mask
+        assert not (xb[masked] != M).any()                             # still-masked positions hold the mask
         calls.append(int(((before == M) & (xb != M)).sum()))
         return called
     monkeypatch.setattr(bd3lm, 'denoise_step', watched)
@@ -312,7 +343,8 @@ def test_revealed_tokens_never_change(kwargs, monkeypatch):
     assert sum(calls) == 2 * 30 and not (out == M).any()
 
 
-@pytest.mark.parametrize('kwargs', [{'threshold': 0.5}, {'entropy_bound': 1.0}, {'tokens_per_call': 2}])
+@pytest.mark.parametrize('kwargs', [dict(rule='threshold', knob=0.5), dict(rule='entropy_bound', knob=1.0),
+                                    dict(rule='tokens_per_call', knob=2), {}])
 def test_the_proposed_token_follows_the_row_s_temperature_and_top_p(kwargs):
     # One masked position: every rule reveals it with the proposed token, which must follow the row's law
     # softmax(logits / temperature) cut to its nucleus (chi-square over 20,000 draws).
@@ -321,7 +353,7 @@ def test_the_proposed_token_follows_the_row_s_temperature_and_top_p(kwargs):
     with torch.no_grad():
         logits = model(torch.tensor([[bos, M]]))[0, 1].double()
     logits[M] = -float('inf')
-    law = bd3lm._nucleus((logits / 0.7).softmax(-1), 0.8)
+    law = bd3lm.nucleus((logits / 0.7).softmax(-1), 0.8)
     n = 20_000
     out = model.generate(torch.full((n, 1), bos), 1, temperature=0.7, top_p=0.8,
                          generator=torch.Generator().manual_seed(0), **kwargs)
@@ -333,11 +365,13 @@ def test_the_proposed_token_follows_the_row_s_temperature_and_top_p(kwargs):
 
 
 @pytest.mark.parametrize('kwargs,message', [
-    ({'threshold': 1.5}, 'threshold must be in'), ({'threshold': -0.1}, 'threshold must be in'),
-    ({'entropy_bound': -1.0}, 'entropy_bound must be'), ({'tokens_per_call': 0}, 'tokens_per_call must be'),
-    ({'threshold': 0.9, 'entropy_bound': 1.0}, 'choose one unmasking rule'), ({'steps': 2, 'threshold': 0.5}, 'choose one'),
-    ({'threshold': 0.9, 'order': 'random'}, 'order must be one of'), ({'steps': 2, 'order': 'confidence'}, 'order applies'),
-    ({'threshold': [0.9, 0.5, 0.1]}, 'one per row'), ({'tokens_per_call': 1.5}, 'tokens_per_call must be one value')])
+    (dict(rule='threshold', knob=1.5), "rule 'threshold' needs a knob that is a number in"),
+    (dict(rule='threshold', knob=-0.1), 'in \\[0.0, 1.0\\]'), (dict(rule='threshold'), 'needs a knob'),
+    (dict(rule='entropy_bound', knob=-1.0), "rule 'entropy_bound' needs"), (dict(rule='tokens_per_call', knob=0), 'an integer'),
+    (dict(rule='tokens_per_call', knob=1.5), 'an integer'), (dict(rule='threshold', knob=float('nan')), 'needs a knob'),
+    (dict(rule='first_hitting', knob=2), 'takes no knob'), (dict(rule='margin'), 'rule must be one of'),
+    (dict(rule='threshold', knob=0.9, order='random'), 'order must be one of'),
+    (dict(rule='threshold', knob=[0.9, 0.5, 0.1]), 'one value or one per row')])
 def test_bad_rule_settings_are_one_line_errors(kwargs, message):
     model = random_model()
     with pytest.raises(ValueError, match=message) as e:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bd3lm
+import engine
 from tokenizer import get_tokenizer
 from conftest import random_model
 
@@ -252,33 +253,44 @@ def test_limits_a_public_endpoint_needs(server, client):
     assert client.completions.create(model='m', prompt='still here', max_tokens=4).choices[0].text
 
 
-@pytest.mark.parametrize('rule', [{}, {'threshold': 0.0}, {'steps': 2}, {'tokens_per_call': 2}, {'entropy_bound': 30.0}])
-def test_engine_rows_equal_generate_alone_in_float64(rule, monkeypatch):
-    # The engine in-process: rows with different prompt lengths (mid-block and whole blocks) join a lane at
-    # different times and run past model_length; each row's tokens equal model.generate for it alone.
-    import queue
-    monkeypatch.setattr(sys, 'argv', ['serve.py'])              # serve.py reads its flags when imported
-    import serve
+MIXED = [{}, dict(rule='threshold', knob=0.0), dict(rule='steps', knob=2), dict(rule='tokens_per_call', knob=2),
+         dict(rule='entropy_bound', knob=30.0), dict(rule='threshold', knob=0.3, order='uniform')]
+
+
+@pytest.mark.parametrize('rule', MIXED + ['mixed'])
+def test_engine_rows_equal_generate_alone_in_float64(rule):
+    # The engine in-process: rows with different prompt lengths (mid-block and whole blocks) and, for
+    # 'mixed', different rules join the batch at different times and run past model_length; each row's
+    # tokens equal model.generate for it alone, cached or not.
     model = random_model(vocab_size=50258, block_size=4, model_length=16, hidden_dim=32, n_heads=2).double()
-    serve.model, serve.tokenizer, serve.device, serve.max_batch = model, get_tokenizer(model), 'cpu', 8
     g = torch.Generator().manual_seed(0)
     prompts = [[50256] + torch.randint(0, 50000, (n,), generator=g).tolist() for n in (0, 2, 3, 4, 6, 7, 9, 12)]
     lengths = [30, 11, 25, 40, 17, 33, 22, 8]
-    request = lambda i: {'max_tokens': lengths[i], 'stop': [], 'kv_cache': True, 'temperature': 0.8, 'top_p': 0.9,
-                         'steps': None, 'threshold': None, 'entropy_bound': None, 'tokens_per_call': None,
-                         'order': None, **rule}
-    rows = [serve.Row(request(i), prompts[i], i, 1000 + i, queue.Queue()) for i in range(8)]
-    lane = serve.Lane(rows[0].lane_key())
-    lane.regroup([], rows[:3])
+    rules = [MIXED[i % len(MIXED)] if rule == 'mixed' else rule for i in range(8)]
+    rows = [engine.Row(prompts[i], lengths[i], torch.Generator().manual_seed(1000 + i), temperature=0.8, top_p=0.9,
+                       **rules[i]) for i in range(8)]
+    batch = engine.Batch(model, 'cpu', engine.RowCache(model, 8, 'cpu'))
+    for row in rows[:3]:
+        batch.admit(row)
     for _ in range(5):
-        lane.step()
-    lane.regroup(list(range(len(lane.rows))), rows[3:])      # join while the first three are mid-text
+        batch.step()
+    for row in rows[3:]:                      # join while the first three are mid-text
+        batch.admit(row)
     for _ in range(400):
-        if not lane.rows:
+        if not batch.rows:
             break
-        lane.step()
-    assert not lane.rows and all(r.finished for r in rows)
+        batch.step()
+    assert not batch.rows
     for i, row in enumerate(rows):
-        out = model.generate(torch.tensor([prompts[i]]), lengths[i], generator=[torch.Generator().manual_seed(1000 + i)],
-                             temperature=0.8, top_p=0.9, stop_at_eos=True, **rule)[0, len(prompts[i]):].tolist()
-        assert row.tokens == out[:out.index(50256)] if 50256 in out else row.tokens == out, i
+        kw = dict(generator=[torch.Generator().manual_seed(1000 + i)], temperature=0.8, top_p=0.9, **rules[i])
+        out = model.generate(torch.tensor([prompts[i]]), lengths[i], **kw)[0, len(prompts[i]):].tolist()
+        assert row.tokens == out, i
+    # the reference path: one uncached row, one model call per engine step
+    alone = engine.Row(prompts[5], 21, torch.Generator().manual_seed(7), kv_cache=False, **rules[5])
+    batch = engine.Batch(model, 'cpu')
+    batch.admit(alone)
+    while batch.rows:
+        batch.step()
+    out = model.generate(torch.tensor([prompts[5]]), 21, generator=[torch.Generator().manual_seed(7)], kv_cache=False,
+                         **rules[5])
+    assert alone.tokens == out[0, len(prompts[5]):].tolist()

@@ -1,0 +1,215 @@
+"""rule='speculative': drafts checked by one batched call per round, each token still drawn from the law
+of first-hitting (or of lowest-entropy-first with order='entropy'), at fewer model calls."""
+import functools
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+import bd3lm
+import engine
+from conftest import random_model
+
+
+def dependent_model(seed=0):
+    """One block [BOS, ?, ?, ?] over 4 tokens (+ mask), float64, whose positions depend strongly on each
+    other (sharp attention, unit adaLN gates): a draft from a stale q is often wrong, so the accept and
+    residual steps are what the law hangs on."""
+    torch.manual_seed(seed)
+    model = bd3lm.BD3LM(bd3lm.BD3LMConfig(block_size=4, vocab_size=5, model_length=4, hidden_dim=32, cond_dim=16,
+                                          n_layers=2, n_heads=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for mod in [model.output_layer.adaLN_modulation] + [b.adaLN_modulation for b in model.blocks]:
+            mod.weight.zero_()
+            mod.bias.zero_()
+        for b in model.blocks:
+            b.adaLN_modulation.bias.view(6, -1)[[2, 5]] = 1.0       # gate1 = gate2 = 1
+            b.attn_qkv.weight.mul_(4.0)
+        model.output_layer.linear.weight.mul_(1.5)
+    return model.double().eval()
+
+
+def exact_law(model, order, temperature=1.0, top_p=1.0, bos=3):
+    """The law (64,) of the block's three tokens under one-token-per-call sampling, by a dynamic program
+    over revealed subsets from the model's own conditionals: 'uniform' reveals a uniformly random masked
+    position (a random order drawn once per block), 'entropy' the one of lowest entropy at temperature 1;
+    each token from the tempered, nucleus-filtered conditional."""
+    M = model.config.mask_id
+    states = list(itertools.product(range(M + 1), repeat=3))         # M: still masked
+    with torch.no_grad():
+        logits = model(torch.tensor([[bos, *s] for s in states])).double()[:, 1:]
+    logits[..., M] = -float('inf')
+    p1 = logits.softmax(-1)
+    entropy = -(p1 * p1.log().nan_to_num(neginf=0.0)).sum(-1)
+    law = bd3lm.nucleus((logits / temperature).softmax(-1), top_p)
+    index = {s: i for i, s in enumerate(states)}
+
+    @functools.lru_cache(None)
+    def outcomes(s):
+        masked = [i for i in range(3) if s[i] == M]
+        if not masked:
+            return {s: 1.0}
+        i = index[s]
+        picks = masked if order == 'uniform' else [min(masked, key=lambda j: float(entropy[i, j]))]
+        out = {}
+        for j in picks:
+            for t in range(M):
+                w = float(law[i, j, t]) / len(picks)
+                if w > 0:
+                    for final, q in outcomes(s[:j] + (t,) + s[j + 1:]).items():
+                        out[final] = out.get(final, 0.0) + w * q
+        return out
+
+    exact = torch.zeros(M ** 3, dtype=torch.float64)
+    for final, q in outcomes((M, M, M)).items():
+        exact[final[0] * M * M + final[1] * M + final[2]] = q
+    return exact
+
+
+def counts_of(out, M):
+    x = out[:, 1:4]
+    return torch.bincount(x[:, 0] * M * M + x[:, 1] * M + x[:, 2], minlength=M ** 3).double()
+
+
+def chi_square_p(counts, probs):
+    keep = probs > 0
+    assert counts[~keep].sum() == 0                   # nothing drawn outside the support
+    expected = probs[keep] * counts.sum()
+    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
+    return chi2.sf(stat, int(keep.sum()) - 1)
+
+
+@pytest.mark.parametrize('k, order, temperature, top_p', [
+    (2, 'uniform', 1.0, 1.0), (3, 'uniform', 0.7, 0.85), (2, 'entropy', 1.0, 1.0), (3, 'entropy', 1.3, 0.9)])
+def test_speculative_draws_the_one_token_per_call_law(k, order, temperature, top_p):
+    # 20,000 blocks drawn speculatively against the exact law of their order (first-hitting's, or
+    # lowest-entropy-first: entropy_bound with gamma = 0). Redrawing a rejected draft from p instead of
+    # the residual (p - q)+, or keeping a draft at a position the entropy order did not pick, fails it.
+    model = dependent_model()
+    n, M = 20_000, model.config.mask_id
+    out, stats = model.generate(torch.full((n, 1), 3), 3, rule='speculative', knob=k, order=order,
+                                temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(1),
+                                return_stats=True)
+    exact = exact_law(model, order, temperature, top_p)
+    assert chi_square_p(counts_of(out, M), exact) > 0.01
+    assert stats['row_nfe'].double().mean() < 3         # it did draw several tokens per call
+    other = exact_law(model, 'entropy' if order == 'uniform' else 'uniform', temperature, top_p)
+    assert (exact - other).abs().sum() > 0.05           # the two laws differ: the test tells them apart
+
+
+def test_entropy_order_law_is_entropy_bound_zero():
+    # The same law drawn by bd3lm's own one-token-per-call sampler (entropy_bound, gamma = 0).
+    model = dependent_model()
+    n, M = 20_000, model.config.mask_id
+    out = model.generate(torch.full((n, 1), 3), 3, rule='entropy_bound', knob=0.0,
+                         generator=torch.Generator().manual_seed(1))
+    assert chi_square_p(counts_of(out, M), exact_law(model, 'entropy')) > 0.01
+
+
+def test_knob_0_is_first_hitting_token_for_token():
+    model = random_model(block_size=4, model_length=16)
+    idx = torch.randint(0, 36, (3, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(temperature=0.9, top_p=0.95, return_stats=True)
+    a, sa = model.generate(idx, 30, rule='speculative', knob=0, generator=torch.Generator().manual_seed(3), **kw)
+    b, sb = model.generate(idx, 30, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b) and torch.equal(sa['row_nfe'], sb['row_nfe'])
+    assert sa['nfe'] == 30 and torch.equal(sa['rows_x_tokens'], 30 * 4 * torch.ones(3, dtype=torch.long))
+
+
+def test_greedy_matches_first_hitting_in_one_block():
+    # Temperature 0 is an exact-match test: the same order, the same argmax tokens.
+    model = random_model(block_size=8, model_length=8)
+    idx = torch.full((4, 1), 3)
+    for k in (1, 3, 7):
+        a = model.generate(idx, 7, rule='speculative', knob=k, temperature=0.0, generator=torch.Generator().manual_seed(5))
+        b = model.generate(idx, 7, temperature=0.0, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a, b)
+
+
+def test_calls_fall_with_k_on_a_confident_model():
+    # Every position's law nearly one-hot: each draft is kept, so a block of 16 costs one call for its
+    # first token (nothing to draft from yet) and ceil(15 / (k + 1)) for the rest; k = 0 is first-hitting.
+    model = random_model(block_size=16, model_length=64)
+    with torch.no_grad():
+        model.output_layer.linear.bias[7] = 60.0
+    idx = torch.full((2, 16), 3)
+    new = 48
+    for k, calls in ((0, new), (1, 3 * 9), (3, 3 * 5), (15, 3 * 2)):
+        _, stats = model.generate(idx, new, rule='speculative', knob=k, generator=torch.Generator().manual_seed(0),
+                                  return_stats=True)
+        assert stats['nfe'] == calls, k
+        # rows x tokens: a call runs one row per token it reveals (1 + drafts), 16 tokens each
+        assert int(stats['rows_x_tokens'][0]) == 16 * new, k
+
+
+@pytest.mark.parametrize('order', ['uniform', 'entropy'])
+def test_cached_equals_uncached_past_model_length(order):
+    model = random_model(block_size=4, model_length=16)
+    idx = torch.randint(0, 36, (2, 6), generator=torch.Generator().manual_seed(0))
+    outs = [model.generate(idx, 40, rule='speculative', knob=3, order=order, temperature=0.8, top_p=0.9,
+                           kv_cache=kv, generator=torch.Generator().manual_seed(7)) for kv in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    assert not (outs[0] == model.config.mask_id).any()
+
+
+SETTINGS = [dict(rule='speculative', knob=3, temperature=0.8, top_p=0.9),
+            dict(rule='speculative', knob=1, order='entropy', temperature=1.0, top_p=1.0),
+            dict(rule='first_hitting', temperature=0.7, top_p=1.0),
+            dict(rule='speculative', knob=6, temperature=1.2, top_p=0.8)]
+
+
+def test_a_row_alone_equals_the_row_in_a_batch():
+    model = random_model(block_size=4, model_length=16).double()
+    idx = torch.randint(0, 36, (4, 3), generator=torch.Generator().manual_seed(0))
+    lengths = [21, 9, 30, 14]
+    per_row = {key: [s.get(key) for s in SETTINGS] for key in ('rule', 'knob', 'order', 'temperature', 'top_p')}
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
+    out, stats = model.generate(idx, lengths, generator=gens, return_stats=True, **per_row)
+    for i, s in enumerate(SETTINGS):
+        alone, st = model.generate(idx[i:i + 1], lengths[i], generator=[torch.Generator().manual_seed(100 + i)],
+                                   return_stats=True, **s)
+        assert torch.equal(out[i, :3 + lengths[i]], alone[0]), i
+        assert stats['row_nfe'][i] == st['row_nfe'][0] and stats['rows_x_tokens'][i] == st['rows_x_tokens'][0]
+
+
+def test_engine_rows_equal_generate_alone():
+    # Served rows join at different times, sit at different blocks and leave at different times; each
+    # keeps its own drafts, cached or not.
+    model = random_model(block_size=4, model_length=16).double()
+    g = torch.Generator().manual_seed(0)
+    prompts = [[35] + torch.randint(0, 35, (n,), generator=g).tolist() for n in (0, 2, 5, 9)]
+    lengths = [30, 11, 25, 17]
+    rows = [engine.Row(prompts[i], lengths[i], torch.Generator().manual_seed(1000 + i), **SETTINGS[i])
+            for i in range(4)]
+    batch = engine.Batch(model, 'cpu', engine.RowCache(model, 4, 'cpu'))
+    for row in rows[:2]:
+        batch.admit(row)
+    for _ in range(3):
+        batch.step()
+    for row in rows[2:]:
+        batch.admit(row)
+    for _ in range(200):
+        if not batch.rows:
+            break
+        batch.step()
+    assert not batch.rows
+    for i, row in enumerate(rows):
+        out = model.generate(torch.tensor([prompts[i]]), lengths[i], generator=[torch.Generator().manual_seed(1000 + i)],
+                             **SETTINGS[i])
+        assert row.tokens == out[0, len(prompts[i]):].tolist(), i
+    alone = engine.Row(prompts[2], 21, torch.Generator().manual_seed(7), kv_cache=False, **SETTINGS[0])
+    batch = engine.Batch(model, 'cpu')
+    batch.admit(alone)
+    while batch.rows:
+        batch.step()
+    out = model.generate(torch.tensor([prompts[2]]), 21, generator=[torch.Generator().manual_seed(7)], kv_cache=False,
+                         **SETTINGS[0])
+    assert alone.tokens == out[0, len(prompts[2]):].tolist()
+
+
+def test_speculative_takes_no_confidence_order():
+    with pytest.raises(ValueError, match='order must be one of'):
+        bd3lm.Sampling(1, 'cpu', 'speculative', 2, 'confidence')
