@@ -857,12 +857,14 @@ def draft_rows(model, xb, masked, uniform, sampling, c, drafts, generator):
     each row's last kept verify row, the draft source (zeros: none yet in this block). Returns the rows x
     (B, m, bs), their conditioning c (B * m, cond_dim) or None, and for each row: n (B,) drafts at
     positions pos (B, m) in the order, their tokens (B, m) and laws q (B, m, V) (column j < n), and the
-    accept draws u_accept (B, bs); m = 1 for all when no row drafts."""
+    accept draws u_accept (B, bs); m = 1 for all when no row drafts yet; None when no row speculates."""
     B, bs = masked.shape
     V, device = model.config.vocab_size, xb.device
     n = torch.zeros(B, dtype=torch.long, device=device)
     speculating = [(order, slice(None) if rows is None else rows)
                    for (name, order), rows in sampling.groups.items() if getattr(RULES[name], 'drafts', False)]
+    if not speculating:
+        return None                   # no row drafts: one version of each block, as for any rule
     for _, idx in speculating:        # at most k drafts, and at least one position left for the last row
         k = sampling.knob[idx].long().clamp(max=bs)
         n[idx] = torch.minimum(k, masked[idx].sum(-1) - 1).clamp(min=0) * drafts[idx].flatten(1).any(-1)
