@@ -10,7 +10,7 @@ import bd3lm
 REFERENCE = os.path.join(os.path.dirname(__file__), 'fixtures', 'bd3lm_tiny_bs4')
 
 
-def random_model(seed=0, **overrides):
+def random_model(seed=0, std=0.2, **overrides):
     """A tiny BD3LM whose every parameter is random (the real init zeroes adaLN and the output layer,
     which would hide bugs behind zeros)."""
     fields = dict(block_size=4, vocab_size=37, model_length=16, hidden_dim=32, cond_dim=16, n_layers=2, n_heads=4)
@@ -19,7 +19,7 @@ def random_model(seed=0, **overrides):
     model = bd3lm.BD3LM(bd3lm.BD3LMConfig(**fields))
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.2)
+            p.normal_(0, std)
     return model.eval()
 
 
