@@ -1044,9 +1044,10 @@ class Proposal:
         logits[:, self._model.config.mask_id] = -math.inf
         return logits
 
-    def law(self, where):
+    def law(self, where, logits=None):
         """The law (N, V) a token is drawn from at `where`: the row's temperature and top_p, float64."""
-        return self._sampling.probs(self._logits(where), self._rows[where[0]])
+        logits = self._logits(where) if logits is None else logits
+        return self._sampling.probs(logits, self._rows[where[0]])
 
     def version(self, h, c, masked):
         """The proposal of another version of these blocks (a speculative verify row): same rows, order
@@ -1055,7 +1056,7 @@ class Proposal:
 
     def _draw(self, where, logits):
         # the proposed tokens (N,) at `where`, each from its own uniform, with the row's temperature/top_p
-        return sample_categorical(self._sampling.probs(logits, self._rows[where[0]]), self._u[where])
+        return sample_categorical(self.law(where, logits), self._u[where])
 
     @functools.cached_property
     def _at_masked(self):

@@ -97,6 +97,8 @@ class Batch:
     """Rows that run together, one model call per step: with a RowCache (every cached row) or, for one
     uncached row, over its whole text."""
 
+    PER_ROW = ('xb', 'masked', 'u_block', 'drafts')    # tensors with one entry per row, in row order
+
     def __init__(self, model, device, cache=None):
         bs = model.config.block_size
         self.model, self.device, self.cache, self.rows = model, device, cache, []
@@ -131,9 +133,9 @@ class Batch:
         else:
             self.x = torch.full((1, -(-row.end // bs) * bs), self.model.config.mask_id, device=self.device)
             self.x[:, :len(row.prompt)] = prompt
-        grow = lambda t: torch.cat([t, t.new_zeros((1,) + t.shape[1:])])
-        self.xb, self.masked, self.u_block = grow(self.xb), grow(self.masked), grow(self.u_block)
-        self.drafts = grow(self.drafts)
+        for name in self.PER_ROW:
+            t = getattr(self, name)
+            setattr(self, name, torch.cat([t, t.new_zeros((1,) + t.shape[1:])]))
         self.rows.append(row)
         self.start_block(n, row)
         self.regroup()
@@ -192,8 +194,8 @@ class Batch:
                 self.cache.move(old, new)
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.rows = [self.rows[i] for i in keep]
-        self.xb, self.masked, self.u_block = self.xb[idx], self.masked[idx], self.u_block[idx]
-        self.drafts = self.drafts[idx]
+        for name in self.PER_ROW:
+            setattr(self, name, getattr(self, name)[idx])
         self.regroup()
 
 

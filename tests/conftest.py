@@ -45,3 +45,35 @@ def data_dir(tmp_path_factory):
     docs = [text for _, (_, text) in zip(range(60), prepare.python_docs())]
     prepare.write(((f'doc{i}', d) for i, d in enumerate(docs)), str(root / 'tiny'), 0.2, 'test')
     return str(root)
+
+
+def check_engine_rows_equal_generate_alone(model, prompts, lengths, settings, joining_late, steps_before):
+    """Engine rows (one per prompt, with its own length, seed and sampling settings) run in one engine.Batch:
+    all but the `joining_late` last join first, the rest `steps_before` model calls later, while the first
+    are mid-text. Each row's tokens must equal model.generate for it alone; so must one uncached row's."""
+    import engine
+    seed = lambda i: torch.Generator().manual_seed(1000 + i)
+    rows = [engine.Row(p, n, seed(i), **s) for i, (p, n, s) in enumerate(zip(prompts, lengths, settings))]
+    batch = engine.Batch(model, 'cpu', engine.RowCache(model, len(rows), 'cpu'))
+    for row in rows[:len(rows) - joining_late]:
+        batch.admit(row)
+    for _ in range(steps_before):
+        batch.step()
+    for row in rows[len(rows) - joining_late:]:
+        batch.admit(row)
+    for _ in range(sum(lengths) + len(rows) * 4):              # bounded: every step makes progress
+        if not batch.rows:
+            break
+        batch.step()
+    assert not batch.rows
+    for i, row in enumerate(rows):
+        out = model.generate(torch.tensor([prompts[i]]), lengths[i], generator=[seed(i)], **settings[i])
+        assert row.tokens == out[0, len(prompts[i]):].tolist(), i
+    # the reference path: one uncached row, one model call per engine step
+    alone = engine.Row(prompts[-1], 21, seed(7), kv_cache=False, **settings[-1])
+    batch = engine.Batch(model, 'cpu')
+    batch.admit(alone)
+    while batch.rows:
+        batch.step()
+    out = model.generate(torch.tensor([prompts[-1]]), 21, generator=[seed(7)], kv_cache=False, **settings[-1])
+    assert alone.tokens == out[0, len(prompts[-1]):].tolist()

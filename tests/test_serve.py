@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import bd3lm
-import engine
 from tokenizer import get_tokenizer
-from conftest import random_model
+from conftest import check_engine_rows_equal_generate_alone, random_model
 
 openai = pytest.importorskip('openai', reason='pip install -e ".[test]"')
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -267,30 +266,5 @@ def test_engine_rows_equal_generate_alone_in_float64(rule):
     prompts = [[50256] + torch.randint(0, 50000, (n,), generator=g).tolist() for n in (0, 2, 3, 4, 6, 7, 9, 12)]
     lengths = [30, 11, 25, 40, 17, 33, 22, 8]
     rules = [MIXED[i % len(MIXED)] if rule == 'mixed' else rule for i in range(8)]
-    rows = [engine.Row(prompts[i], lengths[i], torch.Generator().manual_seed(1000 + i), temperature=0.8, top_p=0.9,
-                       **rules[i]) for i in range(8)]
-    batch = engine.Batch(model, 'cpu', engine.RowCache(model, 8, 'cpu'))
-    for row in rows[:3]:
-        batch.admit(row)
-    for _ in range(5):
-        batch.step()
-    for row in rows[3:]:                      # join while the first three are mid-text
-        batch.admit(row)
-    for _ in range(400):
-        if not batch.rows:
-            break
-        batch.step()
-    assert not batch.rows
-    for i, row in enumerate(rows):
-        kw = dict(generator=[torch.Generator().manual_seed(1000 + i)], temperature=0.8, top_p=0.9, **rules[i])
-        out = model.generate(torch.tensor([prompts[i]]), lengths[i], **kw)[0, len(prompts[i]):].tolist()
-        assert row.tokens == out, i
-    # the reference path: one uncached row, one model call per engine step
-    alone = engine.Row(prompts[5], 21, torch.Generator().manual_seed(7), kv_cache=False, **rules[5])
-    batch = engine.Batch(model, 'cpu')
-    batch.admit(alone)
-    while batch.rows:
-        batch.step()
-    out = model.generate(torch.tensor([prompts[5]]), 21, generator=[torch.Generator().manual_seed(7)], kv_cache=False,
-                         **rules[5])
-    assert alone.tokens == out[0, len(prompts[5]):].tolist()
+    settings = [dict(temperature=0.8, top_p=0.9, **r) for r in rules]
+    check_engine_rows_equal_generate_alone(model, prompts, lengths, settings, joining_late=5, steps_before=5)

@@ -8,8 +8,7 @@ import torch
 from scipy.stats import chi2
 
 import bd3lm
-import engine
-from conftest import random_model
+from conftest import check_engine_rows_equal_generate_alone, random_model
 
 
 def dependent_model(seed=0):
@@ -182,32 +181,7 @@ def test_engine_rows_equal_generate_alone():
     g = torch.Generator().manual_seed(0)
     prompts = [[35] + torch.randint(0, 35, (n,), generator=g).tolist() for n in (0, 2, 5, 9)]
     lengths = [30, 11, 25, 17]
-    rows = [engine.Row(prompts[i], lengths[i], torch.Generator().manual_seed(1000 + i), **SETTINGS[i])
-            for i in range(4)]
-    batch = engine.Batch(model, 'cpu', engine.RowCache(model, 4, 'cpu'))
-    for row in rows[:2]:
-        batch.admit(row)
-    for _ in range(3):
-        batch.step()
-    for row in rows[2:]:
-        batch.admit(row)
-    for _ in range(200):
-        if not batch.rows:
-            break
-        batch.step()
-    assert not batch.rows
-    for i, row in enumerate(rows):
-        out = model.generate(torch.tensor([prompts[i]]), lengths[i], generator=[torch.Generator().manual_seed(1000 + i)],
-                             **SETTINGS[i])
-        assert row.tokens == out[0, len(prompts[i]):].tolist(), i
-    alone = engine.Row(prompts[2], 21, torch.Generator().manual_seed(7), kv_cache=False, **SETTINGS[0])
-    batch = engine.Batch(model, 'cpu')
-    batch.admit(alone)
-    while batch.rows:
-        batch.step()
-    out = model.generate(torch.tensor([prompts[2]]), 21, generator=[torch.Generator().manual_seed(7)], kv_cache=False,
-                         **SETTINGS[0])
-    assert alone.tokens == out[0, len(prompts[2]):].tolist()
+    check_engine_rows_equal_generate_alone(model, prompts, lengths, SETTINGS, joining_late=2, steps_before=3)
 
 
 def test_speculative_takes_no_confidence_order():
