@@ -433,23 +433,13 @@ class BD3LM(nn.Module):
         positions = torch.arange(L, device=x.device).repeat(2)      # (2L,)
         return self.transformer(x, positions, self.attention_mask('train', L), c)[:, :L]
 
-    def hidden(self, x, c, positions=None, cache=None):
-        """Inference pass -> hidden states (B, T, D). Without a cache: the block-causal mask (banded to a
-        sliding window of model_length when x is longer). With a cache: x is one block at `positions`
-        ((T,), or (B, T) when rows sit at different places), attending to the cached prefix and itself;
-        its keys and values are written into the cache slot of the rows' next block.
-        x may also be (B, m, T): m versions of each row's block (a speculative round's verify rows), run as
-        B * m rows that each attend to their row's prefix -> (B, m, T, D); c is then (B * m, cond_dim)."""
-        if x.dim() == 3:
-            B, m, T = x.shape
-            if positions is not None and positions.dim() == 2:
-                positions = positions.repeat_interleave(m, 0)
-            cache = None if cache is None else Versions(cache, m)
-            return self.hidden(x.flatten(0, 1), c, positions, cache).unflatten(0, (B, m))
+    def hidden(self, x, c, positions=None):
+        """Inference pass without a cache -> hidden states (B, T, D): x (B, T) under the block-causal mask,
+        banded to a sliding window of model_length when x is longer. (The cached passes are in section 7:
+        block_pass and prefill.)"""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
-        mask = None if cache is not None else self.attention_mask('infer', x.shape[1])
-        return self.transformer(x, positions, mask, c, cache)
+        return self.transformer(x, positions, self.attention_mask('infer', x.shape[1]), c)
 
     def transformer(self, x, positions, mask, c, cache=None):
         """The transformer body: embedding, rotary, every layer (what sample.py --compile compiles)."""
@@ -615,6 +605,15 @@ class BD3LM(nn.Module):
         checkpoints.save(self, out_dir)
 
 
+def subs_log_probs(logits, mask_id):
+    """SUBS parameterization (Sahoo et al. 2024): the model never predicts the mask token; returns
+    log p over the vocabulary in float32. (Carry-over of unmasked tokens is handled by the caller.)"""
+    logits = logits.float()
+    logits[..., mask_id] = -float('inf')
+    return logits.log_softmax(dim=-1)
+
+
+
 def _flex_attention(q, k, v, block_mask):
     from torch.nn.attention.flex_attention import flex_attention
     global _compiled_flex
@@ -632,14 +631,6 @@ _compiled_flex = None
 
 # -----------------------------------------------------------------------------
 # 6. The clipped-schedule search
-
-def subs_log_probs(logits, mask_id):
-    """SUBS parameterization (Sahoo et al. 2024): the model never predicts the mask token; returns
-    log p over the vocabulary in float32. (Carry-over of unmasked tokens is handled by the caller.)"""
-    logits = logits.float()
-    logits[..., mask_id] = -float('inf')
-    return logits.log_softmax(dim=-1)
-
 
 @torch.no_grad()
 def nelbo_variance(model, batches, interval, schedule='loglinear', resample=False, generator=None):
@@ -685,82 +676,265 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 # -----------------------------------------------------------------------------
 # 7. Sampler (Alg. 2)
 #
-# Block by block: a block starts fully masked (after any prompt tokens it holds) and is denoised by
-# repeated model calls; after each call an unmasking rule says which masked positions to reveal, and they
-# take the token proposed for them, never to change again. The finished block is then written to the KV
-# cache with one more pass (a cache write, not a denoising call), and the next block starts. Blocks are
-# aligned at position 0: a prompt whose length is not a multiple of block_size fills the start of its last
-# block. Past model_length tokens every block attends to a sliding window of the last model_length tokens
-# (whole blocks); the uncached path runs the same banded mask, so cached and uncached generation agree.
+# Block by block, left to right: a block starts fully masked (after any prompt tokens it holds) and is
+# denoised by repeated model calls; after each call an unmasking rule says which masked positions to reveal,
+# and they take the token proposed for them, never to change again. Every call is one forward pass: the
+# first call of a block also writes the block before it, now finished, into the KV cache (the clean block
+# and the noisy one in the same pass, the clean one at t = 0), and a prompt's complete blocks are written
+# by one pass before the first call. Blocks are aligned at position 0: a prompt whose length is not a
+# multiple of block_size fills the start of its last block. Past model_length tokens every block attends to
+# a sliding window of the last model_length tokens (whole blocks); the uncached path runs the same banded
+# mask, so cached and uncached generation agree.
+#
+# Read in this order: generate (the loop over blocks) -> denoise_step (one model call) -> Proposal (what a
+# call proposes, and the law a token is drawn from) -> the unmasking rules -> the KV cache and its passes
+# -> drawing helpers. The argument checks are at the end of the file.
 
-class KVCache:
-    """Keys and values of the finished clean blocks, one buffer per layer, preallocated once.
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
+             nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False, stop_entropy=None, eos_id=None,
+             on_block=None, return_stats=False):
+    """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max(max_new_tokens)).
 
-    The buffer holds `window` = model_length positions as a ring of window // block_size slots. The block
-    being denoised writes its keys into the slot the next finished block will occupy; once the ring is full
-    that slot is the oldest block, which is exactly the block that leaves the sliding window. So attention
-    is over the valid slots and nothing is ever copied. Keys are stored with rotary applied at absolute
-    positions. Every row of the batch is at the same block (engine.py keeps a cache whose rows are not).
+    rule: the unmasking rule's name in RULES ('first_hitting', 'steps', 'threshold', 'entropy_bound',
+    'tokens_per_call', 'speculative', or one you register), knob its setting (K, tau, gamma, k, drafts),
+    order the order it ranks positions in ('uniform', 'confidence', 'entropy'; default the rule's own).
+    Each of rule, knob, order, max_new_tokens, temperature and top_p: one value, or one per row (a list or
+    (B,) tensor). temperature divides the logits (0 = greedy); top_p: nucleus sampling (nucleus='bd3lms'
+    drops the token that crosses top_p, as bd3lms does). generator: a torch.Generator, or a list of B (one
+    per row; see rand). stop_at_eos: a row stops after the first EOS it generates. stop_entropy: bd3lms'
+    variable-length rule (the paper uses 4): checked after each block once a row holds more than 256
+    tokens; when the unigram entropy of its last 256 tokens is below this, the row stops and those 256
+    tokens are dropped (never the prompt). Rows stop independently; positions after a row's end hold eos_id
+    (default config.eos_id). on_block(x, end): called after each finished block with the tokens so far.
+    return_stats: also return {'nfe': model calls for the batch, 'row_nfe': (B,) each row's own calls
+    (what it would pay alone), 'rows_x_tokens': (B,) block rows x tokens its calls ran (a speculative call
+    runs 1 + drafts rows), 'forward_passes': nfe plus the one prefill pass of a prompt holding a complete
+    block (the last block's keys are never written: nothing reads them), 'lengths': (B,)}."""
+    sampling, lengths, eos_id = check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p,
+                                               nucleus, generator, eos_id)
+    cfg, device = model.config, lengths.device
+    bs, mask_id, (B, P) = cfg.block_size, cfg.mask_id, idx.shape
+    total = int(lengths.max())
+    x = torch.full((B, -(-total // bs) * bs), mask_id, dtype=torch.long, device=device)
+    x[:, :P] = idx
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stats = {'nfe': 0, 'forward_passes': 0, 'row_nfe': torch.zeros(B, dtype=torch.long, device=device),
+             'rows_x_tokens': torch.zeros(B, dtype=torch.long, device=device)}
+    cache = KVCache(model, B, device) if kv_cache else None
+    if cache is not None and P >= bs:                 # the prompt's complete blocks, in one pass
+        prefill(model, cache, x[:, :P // bs * bs])
+        stats['forward_passes'] += 1
+    state = None                                      # a drafting rule's hidden states, kept between calls
+    if any(hasattr(RULES[name], 'draft') for name, _ in sampling.groups):
+        state = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype)
+    finished = None                                   # the block the next call writes into the cache
+    for lo in range(P // bs * bs, x.shape[1], bs):    # Alg. 2: blocks left to right
+        xb = x[:, lo:lo + bs]                         # a view: denoise_step fills it in place
+        masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
+        if not masked.any():                          # every row has ended
+            break
+        uniform = rand(masked.shape, generator, device, masked.any(-1))      # the block's random order
+        if state is not None:
+            state.zero_()
+        while masked.any():                           # denoise the block, one model call at a time
+            forward = block_pass(model, x, [lo] * B, cache, finished)
+            rows = denoise_step(model, xb, masked, uniform, state, sampling, forward, generator)
+            finished = None
+            stats['nfe'] += 1
+            stats['row_nfe'] += rows > 0
+            stats['rows_x_tokens'] += rows * bs
+        finished = None if cache is None else (list(range(B)), xb)
+        end = min(lo + bs, total)
+        apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
+        if on_block is not None:
+            on_block(x[:, :end], end)
+        if done.all():
+            break
+    stats['forward_passes'] += stats['nfe']
+    x = x[:, :total]
+    x[x == mask_id] = eos_id                          # only possible in rows that stopped early
+    stats['lengths'] = lengths
+    return (x, stats) if return_stats else x
 
-    The model calls update() once per layer; commit() says that the block just passed in is clean."""
 
-    def __init__(self, n_layers, batch_size, n_heads, window, head_dim, block_size, device, dtype):
-        shape = (n_layers, batch_size, n_heads, window, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size, self.n_slots = block_size, window // block_size
-        self.n_committed = 0                       # finished blocks written so far
-
-    def commit(self):
-        self.n_committed += 1
-
-    def update(self, layer, k, v):
-        """Write this block's keys and values (B, H, bs, head_dim) into its slot; return the keys and
-        values to attend to, and an attention mask (None: every slot returned is valid)."""
-        start = (self.n_committed % self.n_slots) * self.block_size
-        n_valid = min(self.n_committed + 1, self.n_slots) * self.block_size
-        self.k[layer, :, :, start:start + self.block_size] = k
-        self.v[layer, :, :, start:start + self.block_size] = v
-        return self.k[layer, :, :, :n_valid], self.v[layer, :, :, :n_valid], None
+BD3LM.generate = generate   # model.generate(idx, max_new_tokens, ...): the same function
 
 
-class Versions:
-    """A cache seen by m versions of each row's block (rows r * m + j) in one pass: each version attends to
-    the row's cached prefix and to itself. The wrapped cache (KVCache, or engine.RowCache) takes one version
-    at a time and its keys are copied out; version 0, the block as it is, is written last and stays in the
-    slot (which only the commit pass's clean keys need to fill)."""
+def denoise_step(model, xb, masked, uniform, state, sampling, forward, generator):
+    """One model call for a batch of blocks (Alg. 2's inner loop): run the model, let each row's rule
+    choose which masked positions to reveal, write the proposed tokens there. xb (B, bs) tokens and masked
+    (B, bs) are updated in place; uniform (B, bs) is the block's random order; state (B, bs, D) the
+    drafting rules' hidden states (or None). forward(versions, c) runs the model on versions (B, m, bs) of
+    the blocks -> (B, m, bs, D): m = 1 unless a rule drafts (block_pass). Returns (B,) the block rows each
+    row ran (0: it drew nothing)."""
+    B, bs = xb.shape
+    drawing = masked.any(-1)
+    u_token = rand(masked.shape, generator, xb.device, drawing)                     # one uniform per position
+    groups = [(RULES[name], order, slice(None) if rows is None else rows, rows)
+              for (name, order), rows in sampling.groups.items()]
+    # A time-conditioned model is told the masked fraction of each version of the block.
+    c = c_block = model.cond(masked.sum(-1) / bs, B)                                # (B, cond_dim) or None
+    versions, drafts = xb[:, None], {}              # (B, m, bs): the block itself, plus any verify rows
+    for i, (rule, order, idx, rows) in enumerate(groups):
+        if hasattr(rule, 'draft'):
+            source = Proposal(model, state[idx], masked[idx], uniform[idx], u_token[idx], sampling, rows, order,
+                              None if c is None else c[idx])
+            gen = [generator[r] for r in rows.tolist()] if isinstance(generator, (list, tuple)) and rows is not None \
+                else generator
+            drafts[i] = rule.draft(source, sampling.knob[idx], xb[idx], gen)
+    if drafts:
+        m = max(d.versions.shape[1] for d in drafts.values())
+        versions = xb[:, None].repeat(1, m, 1)
+        for i, d in drafts.items():
+            versions[groups[i][2], :d.versions.shape[1]] = d.versions
+        t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs     # (B, m)
+        c = model.cond(t.flatten(), t.numel())                                      # (B * m, cond_dim)
+    h = forward(versions, c)                                                        # (B, m, bs, D)
+    c = None if c is None else c.view(B, -1, c.shape[-1])
+    reveal = torch.zeros_like(masked)
+    for i, (rule, order, idx, rows) in enumerate(groups):
+        p = Proposal(model, h[idx, 0], masked[idx], uniform[idx], u_token[idx], sampling, rows, order,
+                     None if c_block is None else c_block[idx])
+        if i in drafts:
+            p.draft, p.versions = drafts[i], (h[idx], None if c is None else c[idx])
+        out = rule(p, sampling.knob[idx])
+        r, tokens, keep = out if isinstance(out, tuple) else (out, None, None)
+        r = r & p.masked
+        # The sampler guarantees progress: a row that revealed nothing reveals its first in the order.
+        stuck = p.masked.any(-1) & ~r.any(-1)
+        first_in_order = p.priority.masked_fill(~p.masked, -math.inf).argmax(-1, keepdim=True)
+        fallback = torch.zeros_like(r).scatter_(-1, first_in_order, True) & stuck[:, None]
+        if tokens is None:
+            tokens = p.tokens_at(r | fallback)
+        elif fallback.any():
+            tokens = torch.where(fallback, p.tokens_at(fallback), tokens)
+        reveal[idx] = r | fallback
+        xb[idx] = torch.where(r | fallback, tokens, xb[idx])
+        if keep is not None:
+            state[idx] = keep.to(state.dtype)
+    masked &= ~reveal
+    n_versions = torch.ones(B, dtype=torch.long, device=xb.device)
+    for i, d in drafts.items():
+        n_versions[groups[i][2]] = 1 + d.n
+    return drawing.long() * n_versions
 
-    def __init__(self, cache, m):
-        self.cache, self.m = cache, m
 
-    def update(self, layer, k, v):
-        k, v = k.unflatten(0, (-1, self.m)), v.unflatten(0, (-1, self.m))      # (B, m, H, bs, head_dim)
-        keys, values = [], []
-        for j in reversed(range(self.m)):
-            kj, vj, valid = self.cache.update(layer, k[:, j], v[:, j])
-            keys.insert(0, kj.clone())
-            values.insert(0, vj.clone())
-        valid = None if valid is None else valid.repeat_interleave(self.m, 0)
-        return torch.stack(keys, 1).flatten(0, 1), torch.stack(values, 1).flatten(0, 1), valid
+class Proposal:
+    """What one model call proposes for a batch of blocks: the fields an unmasking rule reads.
+
+      masked      (B, bs) bool     positions still masked
+      uniform     (B, bs)          i.i.d. U[0, 1), drawn once per block: a uniformly random order
+      probs       (B, bs, V)       p_theta at each position (temperature 1, before nucleus; float64)
+      confidence  (B, bs)          p_theta (temperature 1) of the token proposed there, which is drawn from
+                                   the row's law: at temperature T != 1 a confident model's proposal can
+                                   have a low confidence (it is the model's own belief in the drawn token)
+      entropy     (B, bs)          entropy of p_theta there
+      priority    (B, bs)          the call's order as a score, higher first
+      law(where)  (N, V)           the law a token is drawn from at positions `where`: the row's temperature
+                                   and top_p applied to p_theta
+
+    The fields are computed on first use, at masked positions only: a rule that reads none of them
+    (first-hitting) projects only the positions it reveals to the vocabulary. A drafting rule also gets
+    p.draft (what its rule.draft returned) and p.version(j, masked), the proposal of verify row j."""
+
+    def __init__(self, model, h, masked, uniform, u_token, sampling, rows, order, c=None):
+        self.masked, self.uniform, self.order = masked, uniform, order
+        self.model, self.hidden, self.u_token = model, h, u_token      # the hidden states (B, bs, D) it reads
+        self._c, self._sampling = c, sampling                            # and each position's token uniform
+        self._rows = torch.arange(masked.shape[0], device=masked.device) if rows is None else rows
+
+    def law(self, where):
+        """The law (N, V) a token is drawn from at `where`: p_theta (mask token excluded, SUBS) at the row's
+        temperature (0 = all mass on the most likely token) and top_p, float64."""
+        logits = self._logits(where)
+        s, rows = self._sampling, self._rows[where[0]]
+        if s.any_scaled:
+            temperature = s.temperature[rows]
+            logits = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
+        probs = logits.softmax(-1)
+        if s.any_greedy:
+            one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+            probs = torch.where(s.greedy[rows][:, None], one_hot, probs)
+        return nucleus(probs, s.top_p[rows][:, None], s.nucleus) if s.any_nucleus else probs
+
+    def tokens_at(self, reveal):
+        """The proposed tokens (B, bs), valid where `reveal`: each position's token is drawn from law() with
+        its own uniform, so projecting only the revealed positions gives the same tokens as projecting all."""
+        if '_at_masked' in self.__dict__:
+            return self._full(self._at_masked[2], 0)
+        where = reveal.nonzero(as_tuple=True)
+        out = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
+        out[where] = sample_categorical(self.law(where), self.u_token[where])
+        return out
+
+    def version(self, j, masked):
+        """The proposal of verify row j of a drafting rule's call: the same rows, order and draws, still
+        masked where `masked`."""
+        h, c = self.versions
+        return Proposal(self.model, h[:, j], masked, self.uniform, self.u_token, self._sampling, self._rows,
+                        self.order, None if c is None else c[:, j])
+
+    def _logits(self, where):
+        c = None if self._c is None else self._c[where[0]]
+        logits = self.model.output_layer(self.hidden[where], c).double()
+        logits[:, self.model.config.mask_id] = -math.inf
+        return logits
+
+    @functools.cached_property
+    def _at_masked(self):
+        # every masked position: where, log p_theta (N, V), the proposed token (N,)
+        where = self.masked.nonzero(as_tuple=True)
+        logits = self._logits(where)
+        return where, logits.log_softmax(-1), sample_categorical(self.law(where), self.u_token[where])
+
+    def _full(self, values, fill=0.0):
+        out = torch.full(self.masked.shape, fill, dtype=values.dtype, device=values.device)
+        out[self._at_masked[0]] = values
+        return out
+
+    @functools.cached_property
+    def probs(self):
+        where, log_p, _ = self._at_masked
+        out = torch.zeros(self.masked.shape + log_p.shape[-1:], dtype=log_p.dtype, device=log_p.device)
+        out[where] = log_p.exp()
+        return out
+
+    @functools.cached_property
+    def confidence(self):
+        _, log_p, token = self._at_masked
+        return self._full(log_p.gather(-1, token[:, None]).squeeze(-1).exp())
+
+    @functools.cached_property
+    def entropy(self):
+        log_p = self._at_masked[1]
+        return self._full(-(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1))
+
+    @functools.cached_property
+    def priority(self):
+        return {'uniform': lambda: self.uniform, 'confidence': lambda: self.confidence,
+                'entropy': lambda: -self.entropy}[self.order]()
 
 # --- Unmasking rules ------------------------------------------------------------
 #
-# A rule is a function rule(p, knob) -> reveal: p is the call's Proposal (below), knob (B,) the row's
-# setting, reveal a (B, bs) bool of the masked positions to reveal. Register it in RULES; generate,
-# sample.py --rule and serve.py's "rule" field then take it by name. Optional attributes: `rule.knob`,
-# the knob's (low, high) range (an int low means an integer knob; None: the rule takes no knob), and
-# `rule.order`, the order it ranks positions in (p.priority) and falls back to; the default is
-# 'confidence'. The sampler, not the rule, guarantees progress: a row whose rule reveals nothing reveals
-# its first masked position in that order.
+# The rule contract. A rule is a function rule(p, knob) -> reveal: p is the call's Proposal (above), knob
+# (B,) float64 the rows' setting, reveal a (B, bs) bool of the masked positions to reveal; the sampler
+# draws their tokens from p.law. Register it in RULES; generate, sample.py --rule and serve.py's "rule"
+# field then take it by name. Optional attributes, all read by the sampler or the checks at the end:
+#   rule.knob    the knob's (low, high) range: an int low means an integer knob; None: the rule takes none
+#   rule.order   the order it ranks positions in (p.priority) and falls back to; default 'confidence'
+#   rule.orders  the orders it accepts (default ORDERS)
+#   rule.draft   a rule that checks several versions of the block in one call (speculative.py):
+#                rule.draft(source, knob, xb, generator) -> d, called before the model call, where
+#                source is the Proposal of the hidden states the rule kept from its last call (zeros at a
+#                block's start) and d.versions (G, m, bs) the verify rows to run (d.versions[:, 0] is the
+#                block itself), d.n (G,) how many extra rows each row really needs. The rule is then
+#                called with p.draft = d and p.version(j, masked), and returns (reveal, tokens, keep):
+#                the (G, bs) tokens at revealed positions and the (G, bs, D) hidden states to keep.
+# The sampler, not the rule, guarantees progress: a row whose rule reveals nothing reveals its first
+# masked position in the order.
 
 ORDERS = ('uniform', 'confidence', 'entropy')
-
-
-def first(priority, masked, n):
-    """The n (B,) highest-priority masked positions of each row, as a (B, bs) bool."""
-    rank = priority.masked_fill(~masked, -math.inf).argsort(-1, descending=True).argsort(-1)
-    n = torch.as_tensor(n, device=masked.device).clamp(max=masked.shape[-1]).long()   # a knob of 1e30 too
-    return masked & (rank < n.view(-1, 1))
 
 
 def first_hitting(p, knob):
@@ -799,6 +973,13 @@ def tokens_per_call(p, k):
     return first(p.priority, p.masked, k)
 
 
+def first(priority, masked, n):
+    """The n (B,) highest-priority masked positions of each row, as a (B, bs) bool."""
+    rank = priority.masked_fill(~masked, -math.inf).argsort(-1, descending=True).argsort(-1)
+    n = torch.as_tensor(n, device=masked.device).clamp(max=masked.shape[-1]).long()   # a knob of 1e30 too
+    return masked & (rank < n.view(-1, 1))
+
+
 first_hitting.knob, first_hitting.order = None, 'uniform'   # never stuck: the order is only nominal
 steps.knob, steps.order = (1, math.inf), 'uniform'
 threshold.knob = (0.0, 1.0)
@@ -806,96 +987,144 @@ entropy_bound.knob, entropy_bound.order = (0.0, math.inf), 'entropy'
 tokens_per_call.knob = (1, math.inf)
 RULES = {'first_hitting': first_hitting, 'steps': steps, 'threshold': threshold,
          'entropy_bound': entropy_bound, 'tokens_per_call': tokens_per_call}
+# speculative.py adds RULES['speculative'] when imported (at the end of this file).
 
-# --- Speculative sampling: several exact tokens per call ---------------------------
-#
-# First-hitting's law (positions in a uniformly random order drawn once per block, each token from p_theta
-# given what is revealed) costs one call per token, but the calls can be checked ahead: speculative
-# sampling (Leviathan et al. 2023; for any-order models ASSD, Guo & Ermon 2025). A round drafts the next
-# n <= k positions in the order, tokens from q = the previous round's output (stale, which is allowed: any
-# q keeps the law exact), and runs in one call the n + 1 verify rows v_j = the block with the first j
-# drafts written in. Draft j is kept with probability min(1, p/q), p = p_theta(. | v_j) at its position
-# (temperature and top_p apply to both); the first one rejected is redrawn from (p - q)+, and when all are
-# kept v_n gives one more token: 1..n + 1 tokens per call, each drawn from first-hitting's law. With
-# order='entropy' it is the lowest-entropy-first law (entropy_bound, gamma = 0) made parallel: a round
-# also stops where the position v_j's lowest entropy picks is not the drafted one.
+# --- The KV cache and the passes that use it ---------------------------------------
 
-def speculative(p, k):
-    v = getattr(p, 'verify', None)        # the round's drafts and verify rows (draft_rows)
-    if v is None:                         # no place to keep drafts (denoise_step without drafts): one token
-        return first(p.priority, p.masked, 1)
-    G, bs = p.masked.shape
-    rows = torch.arange(G, device=p.masked.device)
-    masked, alive = p.masked.clone(), p.masked.any(-1)
-    tokens = torch.zeros(G, bs, dtype=torch.long, device=rows.device)
-    ends = torch.zeros(G, dtype=torch.long, device=rows.device)   # the verify row each row's round ends in
-    for j in range(v.h.shape[1]):
-        pj = p if j == 0 else p.version(v.h[:, j], None if v.c is None else v.c[:, j], masked & alive[:, None])
-        at = first(pj.priority, masked & alive[:, None], 1).double().argmax(-1)     # (G,) the order's pick
-        r = alive.nonzero().flatten()
-        target = pj.law((r, at[r]))                                                # (N, V) p at the pick
-        d, q = v.tokens[r, j], v.q[r, j]                                           # (N,), (N, V)
-        drafted = (j < v.n[r]) & (at[r] == v.pos[r, j])
-        p_d, q_d = target.gather(-1, d[:, None])[:, 0], q.gather(-1, d[:, None])[:, 0]
-        keep = drafted & (v.u_accept[r, at[r]] * q_d < p_d)                 # probability min(1, p/q)
-        residual = torch.where(drafted[:, None], (target - q).clamp(min=0), target)
-        tokens[r, at[r]] = torch.where(keep, d, sample_categorical(residual, p._u[r, at[r]]))
-        masked[r, at[r]] = False
-        ends[r] = j
-        alive[r] = keep
-    p.tokens, p.source = tokens, v.h[rows, ends]         # the last valid verify row drafts the next round
-    return p.masked & ~masked
+class KVCache:
+    """Keys and values of each row's clean blocks, one buffer per layer, preallocated once.
+
+    Row r's buffer is a ring of `window` = model_length positions: position i lives at i % window. A block
+    that is being denoised writes its keys where it will live once clean; that place holds the block that
+    is leaving the sliding window, so attention is over the ring and nothing is ever copied. Keys are
+    stored with rotary applied at absolute positions. Rows may sit at different blocks (engine.py).
+
+    Before each pass, plan() says which rows run at which positions; the model then calls update() once
+    per layer with the pass's keys and values."""
+
+    def __init__(self, model, n_rows, device):
+        cfg = model.config
+        shape = (cfg.n_layers, n_rows, cfg.n_heads, cfg.model_length, cfg.hidden_dim // cfg.n_heads)
+        dtype = model.vocab_embed.embedding.dtype
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size, self.window = cfg.block_size, cfg.model_length
+
+    def plan(self, starts, rows=None, write=None):
+        """The next pass: pass row i is a block at positions starts[i]..+block_size (host ints) of cache row
+        rows[i] (default i). Without `rows`, every pass row writes its keys into its ring and attends to
+        it. With `rows` (several pass rows per cache row: a clean block and the next block in one pass, or
+        verify rows), only the rows where `write` is True write into the ring; each pass row attends to a
+        copy of its row's ring with its own keys in it. Returns the positions (P, bs) or (bs,)."""
+        bs, device = self.block_size, self.k.device
+        n_keys = min(max(starts) + bs, self.window)                 # no slot past it is written yet
+        slots = torch.tensor([s % self.window for s in starts], device=device)[:, None] + torch.arange(bs, device=device)
+        mask = None                                                 # rows whose ring is not full yet see less
+        if min(starts) + bs < n_keys:
+            ends = torch.tensor([s + bs for s in starts], device=device)
+            mask = (torch.arange(n_keys, device=device) < ends[:, None])[:, None, None]      # (P, 1, 1, n_keys)
+        shared = len(set(starts)) == 1 and rows is None
+        if rows is not None:
+            rows = torch.tensor(rows, device=device)
+            write = torch.tensor(write, device=device).nonzero().flatten()
+        self._plan = 'step', rows, write, slots, n_keys, mask, starts[0] % self.window if shared else None
+        base = torch.arange(bs, device=device)
+        return starts[0] + base if shared else torch.tensor(starts, device=device)[:, None] + base
+
+    def update(self, layer, k, v):
+        """Write the pass's keys and values (P, H, bs, head_dim) as planned; return the keys and values to
+        attend to and an attention mask (None: every key returned is valid)."""
+        K, V = self.k[layer], self.v[layer]
+        P = k.shape[0]
+        if self._plan[0] == 'prefill':                              # keep the last window's keys
+            _, row, start, keep, mask = self._plan                  # pass positions start.., kept from keep
+            slots = torch.arange(keep, start + k.shape[2], device=k.device) % self.window
+            keep -= start
+            K[row:row + P, :, slots], V[row:row + P, :, slots] = k[:, :, keep:], v[:, :, keep:]
+            return k, v, mask
+        _, rows, write, slots, n_keys, mask, start = self._plan
+        if rows is None:
+            if start is not None:                                   # every row at the same block
+                K[:P, :, start:start + self.block_size], V[:P, :, start:start + self.block_size] = k, v
+            else:
+                i = torch.arange(P, device=k.device)[:, None]
+                K[i, :, slots], V[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
+            return K[:P, :, :n_keys], V[:P, :, :n_keys], mask
+        w = rows[write][:, None]
+        K[w, :, slots[write]], V[w, :, slots[write]] = k[write].transpose(1, 2), v[write].transpose(1, 2)
+        keys, values = K[rows, :, :n_keys], V[rows, :, :n_keys]      # copies: each pass row adds its own keys
+        i = torch.arange(P, device=k.device)[:, None]
+        keys[i, :, slots], values[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
+        return keys, values, mask
+
+    def move(self, src, dst):
+        """Row src's keys now live in row dst (engine.py keeps its rows in the first slots)."""
+        self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]
 
 
-speculative.knob, speculative.order, speculative.orders = (0, math.inf), 'uniform', ('uniform', 'entropy')
-speculative.drafts = True
-RULES['speculative'] = speculative
+def block_pass(model, x, starts, cache, finished=None):
+    """forward(versions, c) for the blocks at starts (B,) (host ints) of x (B, T): versions (B, m, bs) of
+    each row's block (and verify rows) -> hidden states (B, m, bs, D). With a cache: one pass that attends
+    to the cached prefix; finished = (rows, tokens (K, bs)) are those rows' finished blocks just before
+    their block, written into the cache in the same pass, at t = 0. Without a cache: the pass over the
+    block's receptive field under the banded mask (n_layers windows back: exact, and affordable for long
+    uncached generation); every row at the same block."""
+    bs = model.config.block_size
+
+    def cached(versions, c):
+        B, m, _ = versions.shape
+        tokens, rows, starts_ = versions.flatten(0, 1), [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)]
+        write = [False] * (B * m)                       # (with no `rows` every pass row writes)
+        if finished is not None:
+            done_rows, done_tokens = finished
+            tokens = torch.cat([tokens, done_tokens])
+            rows, starts_, write = rows + done_rows, starts_ + [starts[r] - bs for r in done_rows], write + [True] * len(done_rows)
+            if c is not None:
+                c = torch.cat([c, model.cond(torch.zeros(len(done_rows)), len(done_rows))])
+        mapped = finished is not None or m > 1
+        positions = cache.plan(starts_, rows if mapped else None, write if mapped else None)
+        return model.transformer(tokens, positions, None, c, cache)[:B * m].unflatten(0, (B, m))
+
+    lo = starts[0]
+    start = max(0, lo - model.config.n_layers * (model.config.model_length - bs))
+
+    def uncached(versions, c):
+        head = x[:, None, start:lo].expand(-1, versions.shape[1], -1)
+        h = model.hidden(torch.cat([head, versions], -1).flatten(0, 1), c, torch.arange(start, lo + bs, device=x.device))
+        return h[:, -bs:].unflatten(0, versions.shape[:2])
+    return uncached if cache is None else cached
 
 
-def draft_rows(model, xb, masked, uniform, sampling, c, drafts, generator):
-    """A round's drafts and verify rows for the speculative rows. drafts (B, bs, D): the hidden states of
-    each row's last kept verify row, the draft source (zeros: none yet in this block). Returns the rows x
-    (B, m, bs), their conditioning c (B * m, cond_dim) or None, and for each row: n (B,) drafts at
-    positions pos (B, m) in the order, their tokens (B, m) and laws q (B, m, V) (column j < n), and the
-    accept draws u_accept (B, bs); m = 1 for all when no row drafts yet; None when no row speculates."""
-    B, bs = masked.shape
-    V, device = model.config.vocab_size, xb.device
-    n = torch.zeros(B, dtype=torch.long, device=device)
-    speculating = [(order, slice(None) if rows is None else rows)
-                   for (name, order), rows in sampling.groups.items() if getattr(RULES[name], 'drafts', False)]
-    if not speculating:
-        return None                   # no row drafts: one version of each block, as for any rule
-    for _, idx in speculating:        # at most k drafts, and at least one position left for the last row
-        k = sampling.knob[idx].long().clamp(max=bs)
-        n[idx] = torch.minimum(k, masked[idx].sum(-1) - 1).clamp(min=0) * drafts[idx].flatten(1).any(-1)
-    m = int(n.max()) + 1
-    pos, tokens = (torch.zeros(B, m, dtype=torch.long, device=device) for _ in range(2))
-    q = torch.zeros(B, m, V, dtype=torch.float64, device=device)
-    u_accept = torch.zeros(B, bs, dtype=torch.float64, device=device)
-    if m == 1:
-        return SimpleNamespace(x=xb[:, None], c=c, pos=pos, tokens=tokens, q=q, n=n, u_accept=u_accept)
-    u_draft, u_accept = rand((B, 2, bs), generator, device, n > 0).unbind(1)
-    for order, idx in speculating:
-        rows = torch.arange(B, device=device)[idx]
-        # The source's own order picks the drafted positions (its entropies for order='entropy').
-        src = Proposal(model, drafts[idx], None if c is None else c[idx], masked[idx] & (n[idx] > 0)[:, None],
-                       uniform[idx], u_draft[idx], sampling, rows, order)
-        ranked = src.priority.masked_fill(~src.masked, -math.inf).argsort(-1, descending=True)[:, :m]
-        pos[idx] = ranked
-        r, j = (torch.arange(m, device=device) < n[idx, None]).nonzero(as_tuple=True)
-        q_idx = torch.zeros(len(rows), m, V, dtype=torch.float64, device=device)
-        q_idx[r, j] = src.law((r, ranked[r, j]))
-        q[idx] = q_idx
-    r, j = (torch.arange(m, device=device) < n[:, None]).nonzero(as_tuple=True)
-    tokens[r, j] = sample_categorical(q[r, j], u_draft[r, pos[r, j]])
-    x = xb[:, None].repeat(1, m, 1)                         # v_j: the block with drafts 0..j-1 written in
-    for i in range(1, m):
-        x[:, i] = x[:, i - 1]
-        r = (n >= i).nonzero().flatten()
-        x[r, i, pos[r, i - 1]] = tokens[r, i - 1]
-    revealed = torch.minimum(torch.arange(m, device=device), n[:, None])             # (B, m)
-    c = model.cond(((masked.sum(-1, keepdim=True) - revealed) / bs).flatten(), B * m)
-    return SimpleNamespace(x=x, c=c, pos=pos, tokens=tokens, q=q, n=n, u_accept=u_accept)
+@torch.no_grad()
+def prefill(model, cache, x, row=0):
+    """Write the clean blocks x (B, T) (T a multiple of block_size) into cache rows row..row+B-1 in one
+    pass: the pass over the receptive field of the last window's keys, under the block-causal banded mask
+    (the uncached pass), keeping the keys of positions max(0, T - window)..T-1."""
+    bs, window = model.config.block_size, model.config.model_length
+    B, T = x.shape
+    keep = max(0, T - window)
+    start = max(0, keep - model.config.n_layers * window) // bs * bs
+    mask = model.attention_mask('infer', T - start)[0]
+    cache._plan = 'prefill', row, start, keep, mask
+    model.transformer(x[:, start:], torch.arange(start, T, device=x.device), None, model.cond(None, B), cache)
+
+
+def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
+    """After a block: rows that generated an EOS (stop_at_eos) or whose last 256 tokens are degenerate
+    (unigram entropy below stop_entropy; the window is dropped, and this cut wins over an EOS) stop."""
+    for r in range(x.shape[0]):
+        if done[r]:
+            continue
+        cut = None
+        if stop_at_eos:
+            generated = (x[r, P:end] == eos_id).nonzero()
+            if len(generated):
+                cut = P + int(generated[0]) + 1
+        if stop_entropy is not None and end > 256 and unigram_entropy(x[r, end - 256:end]) < stop_entropy:
+            cut = max(P, end - 256)
+        if cut is not None:
+            done[r] = True
+            lengths[r] = cut
+            x[r, cut:] = eos_id
 
 # --- Drawing tokens ----------------------------------------------------------
 
@@ -943,45 +1172,51 @@ def unigram_entropy(tokens):
     p = counts.double() / counts.sum()
     return float(-(p * p.log()).sum())
 
-
-def per_row(name, value, B, device, dtype=torch.float64, ok=lambda v: True, what=''):
-    """One value for every row, or one per row (a list or (B,) tensor) -> a (B,) tensor; one-line errors."""
-    values = value.tolist() if isinstance(value, torch.Tensor) else value
-    values = list(values) if isinstance(values, (list, tuple)) else [values]
-    kinds = int if dtype == torch.long else (int, float)
-    if len(values) not in (1, B) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
-        raise ValueError(f'{name} must be one value or one per row ({B} rows) of type {dtype}, got {value!r}')
-    if not all(ok(v) for v in values):
-        raise ValueError(f'{name} must be {what}, got {value!r}')
-    return torch.tensor(values, dtype=dtype, device=device).expand(B).clone()
-
+# -----------------------------------------------------------------------------
+# 8. Argument checks: every sampler setting checked once, before anything runs, with one-line errors
 
 class Sampling:
-    """How one generate call samples, checked once: each row's unmasking rule, knob and order, temperature
-    and top_p (what a row draws never depends on its batch mates). rule/order: a name, or one per row."""
+    """How a batch of rows samples: each row's unmasking rule, knob and order, temperature and top_p (what
+    a row draws never depends on its batch mates). Each argument: one value, or one per row (B rows)."""
 
     def __init__(self, B, device, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
                  nucleus='standard'):
-        names = [rule] * B if isinstance(rule, str) else list(rule)
-        orders = [order] * B if order is None or isinstance(order, str) else list(order)
-        knobs = [knob] * B if not isinstance(knob, (list, tuple, torch.Tensor)) else list(knob)
+        one_per_row = lambda v, many: list(v.tolist() if isinstance(v, torch.Tensor) else v) if isinstance(v, many) else [v] * B
+        names, orders = one_per_row(rule, (list, tuple)), one_per_row(order, (list, tuple))
+        knobs = one_per_row(knob, (list, tuple, torch.Tensor))
         if not len(names) == len(orders) == len(knobs) == B:
             raise ValueError(f'rule, knob and order take one value or one per row ({B} rows)')
-        self.groups = {}                        # (rule, order) -> the rows that use them
+        groups = {}                                          # (rule, order) -> the rows that use them
         for r, (name, o, k) in enumerate(zip(names, orders, knobs)):
-            fn = RULES.get(name)
+            fn = RULES.get(name) if isinstance(name, str) else None
             if fn is None:
                 raise ValueError(f'rule must be one of {sorted(RULES)} (bd3lm.RULES), got {name!r}')
             o = o or getattr(fn, 'order', 'confidence')
             if o not in getattr(fn, 'orders', ORDERS):
                 raise ValueError(f'order must be one of {getattr(fn, "orders", ORDERS)} for rule {name!r}, got {o!r}')
-            knobs[r] = check_knob(name, k)
-            self.groups.setdefault((name, o), []).append(r)
+            spec = getattr(fn, 'knob', ...)                  # ...: no range declared
+            if spec is None or (spec is ... and k is None):
+                if k is not None:
+                    raise ValueError(f'knob: rule {name!r} takes no knob, got {k!r}')
+                k = 0.0
+            else:
+                low, high = (-math.inf, math.inf) if spec is ... else spec
+                integer = isinstance(low, int)
+                if not (isinstance(k, int if integer else (int, float)) and not isinstance(k, bool) and low <= k <= high):
+                    raise ValueError(f'knob: rule {name!r} needs a knob that is {"an integer" if integer else "a number"} '
+                                     f'in [{low}, {high}], got {k!r}')             # NaN fails low <= k too
+            knobs[r] = float(k)
+            groups.setdefault((name, o), []).append(r)
         self.knob = torch.tensor(knobs, dtype=torch.float64, device=device)
-        self.groups = {key: None if len(rows) == B else torch.tensor(rows, device=device)
-                       for key, rows in self.groups.items()}
-        self.temperature = per_row('temperature', temperature, B, device, ok=lambda v: v >= 0, what='>= 0 (0 = greedy)')
-        self.top_p = per_row('top_p', top_p, B, device, ok=lambda v: 0 < v <= 1, what='in (0, 1]')
+        self.groups = {key: None if len(rows) == B else torch.tensor(rows, device=device) for key, rows in groups.items()}
+        for name, value, ok, what in (('temperature', temperature, lambda v: v >= 0, '>= 0 (0 = greedy)'),
+                                      ('top_p', top_p, lambda v: 0 < v <= 1, 'in (0, 1]')):
+            values = one_per_row(value, (list, tuple, torch.Tensor))
+            if len(values) != B or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f'{name} must be one number or one per row ({B} rows), got {value!r}')
+            if not all(ok(v) for v in values):
+                raise ValueError(f'{name} must be {what}, got {value!r}')
+            setattr(self, name, torch.tensor(values, dtype=torch.float64, device=device))
         if nucleus not in NUCLEUS_RULES:
             raise ValueError(f'nucleus must be one of {NUCLEUS_RULES}, got {nucleus!r}')
         self.nucleus = nucleus
@@ -990,288 +1225,34 @@ class Sampling:
         self.any_greedy, self.any_scaled = bool(self.greedy.any()), bool((self.temperature != 1).any())
         self.any_nucleus = bool((self.top_p < 1).any())
 
-    def probs(self, logits, rows):
-        """The law a token is drawn from, float64 (N, V): the row's temperature (0 = greedy) and nucleus.
-        logits: (N, V) float64 with the mask at -inf; rows: (N,) their rows."""
-        if self.any_scaled:
-            temperature = self.temperature[rows]
-            logits = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
-        probs = logits.softmax(-1)
-        if self.any_greedy:  # temperature 0: all mass on the most likely token
-            one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-            probs = torch.where(self.greedy[rows][:, None], one_hot, probs)
-        return nucleus(probs, self.top_p[rows][:, None], self.nucleus) if self.any_nucleus else probs
 
-
-def check_knob(rule, knob):
-    """The knob of `rule` as a float (0.0 where none is given to a rule that may go without); a one-line
-    error when it is out of the rule's range."""
-    spec = getattr(RULES[rule], 'knob', ...)
-    if spec is None or (spec is ... and knob is None):
-        if knob is not None:
-            raise ValueError(f'knob: rule {rule!r} takes no knob, got {knob!r}')
-        return 0.0
-    low, high = (-math.inf, math.inf) if spec is ... else spec
-    integer = isinstance(low, int)
-    ok = isinstance(knob, int if integer else (int, float)) and not isinstance(knob, bool) and low <= knob <= high
-    if not ok:                                   # NaN fails low <= knob too
-        raise ValueError(f'knob: rule {rule!r} needs a knob that is {"an integer" if integer else "a number"} in '
-                         f'[{low}, {high}], got {knob!r}')
-    return float(knob)
-
-
-class Proposal:
-    """What one model call proposes for a batch of blocks: the fields an unmasking rule reads.
-
-      masked      (B, bs) bool     positions still masked
-      uniform     (B, bs)          i.i.d. U[0, 1), drawn once per block: a uniformly random order
-      probs       (B, bs, V)       p_theta at each position (temperature 1, before nucleus; float64)
-      confidence  (B, bs)          p_theta of the token proposed there (drawn with the row's temperature/top_p)
-      entropy     (B, bs)          entropy of p_theta there
-      priority    (B, bs)          the call's order as a score, higher first
-
-    The last four are computed on first use, at masked positions only: a rule that reads none of them
-    (first-hitting) projects only the positions it reveals to the vocabulary."""
-
-    def __init__(self, model, h, c, masked, uniform, u_token, sampling, rows, order):
-        self.masked, self.uniform, self.order = masked, uniform, order
-        self._model, self._h, self._c, self._u, self._sampling, self._rows = model, h, c, u_token, sampling, rows
-
-    def _logits(self, where):
-        # p_theta's logits (N, V) in float64 at the positions `where`, the mask token excluded (SUBS)
-        c = None if self._c is None else self._c[where[0]]
-        logits = self._model.output_layer(self._h[where], c).double()
-        logits[:, self._model.config.mask_id] = -math.inf
-        return logits
-
-    def law(self, where, logits=None):
-        """The law (N, V) a token is drawn from at `where`: the row's temperature and top_p, float64."""
-        logits = self._logits(where) if logits is None else logits
-        return self._sampling.probs(logits, self._rows[where[0]])
-
-    def version(self, h, c, masked):
-        """The proposal of another version of these blocks (a speculative verify row): same rows, order
-        and draws, hidden states h (B, bs, D), still masked where `masked`."""
-        return Proposal(self._model, h, c, masked, self.uniform, self._u, self._sampling, self._rows, self.order)
-
-    def _draw(self, where, logits):
-        # the proposed tokens (N,) at `where`, each from its own uniform, with the row's temperature/top_p
-        return sample_categorical(self.law(where, logits), self._u[where])
-
-    @functools.cached_property
-    def _at_masked(self):
-        where = self.masked.nonzero(as_tuple=True)
-        logits = self._logits(where)
-        return where, logits, self._draw(where, logits), logits.log_softmax(-1)
-
-    def _full(self, values, fill=0.0):
-        out = torch.full(self.masked.shape, fill, dtype=values.dtype, device=values.device)
-        out[self._at_masked[0]] = values
-        return out
-
-    @functools.cached_property
-    def probs(self):
-        where, _, _, log_p = self._at_masked
-        out = torch.zeros(self.masked.shape + log_p.shape[-1:], dtype=log_p.dtype, device=log_p.device)
-        out[where] = log_p.exp()
-        return out
-
-    @functools.cached_property
-    def tokens(self):
-        return self._full(self._at_masked[2], 0)
-
-    @functools.cached_property
-    def confidence(self):
-        _, _, token, log_p = self._at_masked
-        return self._full(log_p.gather(-1, token[:, None]).squeeze(-1).exp())
-
-    @functools.cached_property
-    def entropy(self):
-        log_p = self._at_masked[3]
-        return self._full(-(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1))
-
-    @functools.cached_property
-    def priority(self):
-        return {'uniform': lambda: self.uniform, 'confidence': lambda: self.confidence,
-                'entropy': lambda: -self.entropy}[self.order]()
-
-    def tokens_at(self, reveal):
-        """The proposed tokens (B, bs), valid where `reveal`: all of them if a rule already drew them, else
-        only the revealed positions are projected (the same tokens: each position has its own uniform)."""
-        if 'tokens' in self.__dict__ or '_at_masked' in self.__dict__:
-            return self.tokens
-        where = reveal.nonzero(as_tuple=True)
-        out = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
-        out[where] = self._draw(where, self._logits(where))
-        return out
-
-
-def denoise_step(model, xb, masked, uniform, sampling, hidden, generator, drafts=None):
-    """One denoising call for a batch of blocks (Alg. 2, inner loop): run the model, let each row's rule
-    choose what to reveal, write the proposed tokens there. xb (B, bs) tokens and masked (B, bs) are
-    updated in place; uniform (B, bs) is the block's random order. hidden(xb, c) runs the model on the
-    blocks (with or without a cache) -> (B, bs, D), or on (B, m, bs) versions of them -> (B, m, bs, D).
-    drafts (B, bs, D): the speculative rows' draft sources, kept between calls (zeros at a block's start;
-    None: they draft nothing). Returns (B,) the rows each row ran (0: it did not draw; 1 + its drafts)."""
-    B = xb.shape[0]
-    drawing = masked.any(-1)
-    # A time-conditioned model is told the masked fraction of its block.
-    c = model.cond(masked.sum(-1) / masked.shape[-1], B)
-    u_token = rand(masked.shape, generator, xb.device, drawing)                      # (B, bs)
-    v = None if drafts is None else draft_rows(model, xb, masked, uniform, sampling, c, drafts, generator)
-    m = 1 if v is None else v.x.shape[1]
-    h = hidden(xb, c)[:, None] if m == 1 else hidden(v.x, v.c)                       # (B, m, bs, D)
-    reveal = torch.zeros_like(masked)
-    for (name, order), rows in sampling.groups.items():
-        idx = slice(None) if rows is None else rows
-        all_rows = torch.arange(B, device=xb.device)[idx]
-        p = Proposal(model, h[idx, 0], None if c is None else c[idx], masked[idx], uniform[idx], u_token[idx],
-                     sampling, all_rows, order)
-        if v is not None and getattr(RULES[name], 'drafts', False):
-            p.verify = SimpleNamespace(h=h[idx], c=None if v.c is None else v.c.view(B, m, -1)[idx],
-                                       **{f: getattr(v, f)[idx] for f in ('pos', 'tokens', 'q', 'n', 'u_accept')})
-        r = RULES[name](p, sampling.knob[idx]) & p.masked
-        # The sampler guarantees progress: a row that revealed nothing reveals its first in the order.
-        r |= first(p.priority, p.masked, (~r.any(-1) & p.masked.any(-1)).long())
-        reveal[idx] = r
-        xb[idx] = torch.where(r, p.tokens_at(r), xb[idx])
-        if hasattr(p, 'source'):
-            drafts[idx] = p.source.to(drafts.dtype)
-    masked &= ~reveal
-    return drawing.long() * (1 if v is None else 1 + v.n)
-
-
-@torch.no_grad()
-def prefill(model, x, cache):
-    """Write the complete blocks of x (B, T) into the cache as clean prefix, one pass per block."""
-    bs = model.config.block_size
-    c = model.cond(torch.zeros(x.shape[0]), x.shape[0])         # clean: t = 0
-    for lo in range(0, x.shape[1] // bs * bs, bs):
-        model.hidden(x[:, lo:lo + bs], c, torch.arange(lo, lo + bs, device=x.device), cache)
-        cache.commit()
-    return x.shape[1] // bs
-
-
-def block_pass(model, x, lo, cache):
-    """hidden(xb, c) for the block of x (B, T) at lo: one cached pass, or, without a cache, the pass over
-    the block's receptive field under the banded mask (n_layers windows back: exact, and affordable for
-    long uncached generation)."""
-    bs, window, device = model.config.block_size, model.config.model_length, x.device
-    if cache is not None:
-        return lambda xb, c: model.hidden(xb, c, torch.arange(lo, lo + bs, device=device), cache)
-    start = max(0, lo - model.config.n_layers * (window - bs))
-
-    def uncached(xb, c):                 # xb (B, bs), or (B, m, bs) versions of the block
-        head = x[:, start:lo] if xb.dim() == 2 else x[:, None, start:lo].expand(-1, xb.shape[1], -1)
-        return model.hidden(torch.cat([head, xb], -1), c, torch.arange(start, lo + bs, device=device))[..., -bs:, :]
-    return uncached
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
-             nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False, stop_entropy=None, eos_id=None,
-             on_block=None, return_stats=False):
-    """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max(max_new_tokens)).
-
-    rule: the unmasking rule's name in RULES ('first_hitting', 'steps', 'threshold', 'entropy_bound',
-    'tokens_per_call', or one you register), knob its setting (K, tau, gamma, k), order the order it
-    ranks positions in ('uniform', 'confidence', 'entropy'; default the rule's own). Each of rule, knob,
-    order, max_new_tokens, temperature and top_p: one value, or one per row (a list or (B,) tensor).
-    temperature divides the logits (0 = greedy); top_p: nucleus sampling (nucleus='bd3lms' drops the token
-    that crosses top_p, as bd3lms does). generator: a torch.Generator, or a list of B (one per row; see
-    rand). stop_at_eos: a row stops after the first EOS it generates. stop_entropy: bd3lms' variable-length
-    rule (the paper uses 4): checked after each block once a row holds more than 256 tokens; when the
-    unigram entropy of its last 256 tokens is below this, the row stops and those 256 tokens are dropped
-    (never the prompt). Rows stop independently; positions after a row's end hold eos_id (default
-    config.eos_id). on_block(x, end): called after each finished block with the tokens so far.
-    return_stats: also return {'nfe': model calls for the batch, 'row_nfe': (B,) each row's own calls
-    (what it would pay alone), 'rows_x_tokens': (B,) the block rows x tokens its calls ran (a speculative
-    call runs 1 + drafts rows), 'forward_passes': all passes (cache writes too), 'lengths': (B,)}."""
+def check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator, eos_id):
+    """generate's arguments checked: -> (Sampling, lengths (B,) each row's end, eos_id)."""
     cfg = model.config
-    bs, window, mask_id = cfg.block_size, cfg.model_length, cfg.mask_id
-    eos_id = cfg.eos_id if eos_id is None else eos_id
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0 or idx.is_floating_point():
         raise ValueError(f'idx must be a (B, P) tensor of prompt ids with P >= 1 (start it with the model\'s '
                          f'BOS, config.bos_id = {cfg.bos_id})')
     B, P = idx.shape
     device = model.vocab_embed.embedding.device
     sampling = Sampling(B, device, rule, knob, order, temperature, top_p, nucleus)
-    new_tokens = per_row('max_new_tokens', max_new_tokens, B, device, torch.long, lambda v: v > 0,
-                         'a positive integer (or one per row)')
+    new = max_new_tokens.tolist() if isinstance(max_new_tokens, torch.Tensor) else max_new_tokens
+    new = list(new) if isinstance(new, (list, tuple)) else [new] * B
+    if len(new) != B or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in new):
+        raise ValueError(f'max_new_tokens must be a positive integer, or one per row ({B} rows), got {max_new_tokens!r}')
     if isinstance(generator, (list, tuple)) and len(generator) != B:
         raise ValueError(f'a list of generators needs one per row: {len(generator)} for {B} rows')
     if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size:
         raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}]')
-    if (idx == mask_id).any():
-        raise ValueError(f'the prompt contains the mask id {mask_id}; prompts must be clean tokens')
-    total = P + int(new_tokens.max())
-    if bs == window and total > window:
+    if (idx == cfg.mask_id).any():
+        raise ValueError(f'the prompt contains the mask id {cfg.mask_id}; prompts must be clean tokens')
+    total = P + max(new)
+    if cfg.block_size == cfg.model_length and total > cfg.model_length:
         # With one block per context, a block past the context would see no earlier block at all.
-        raise ValueError(f'this model is MDLM-like (block_size = model_length = {window}), so it generates at '
-                         f'most {window} tokens including the prompt ({P} + {total - P} asked); '
+        raise ValueError(f'this model is MDLM-like (block_size = model_length = {cfg.model_length}), so it generates '
+                         f'at most {cfg.model_length} tokens including the prompt ({P} + {total - P} asked); '
                          f'lower max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
-
-    n_blocks = -(-total // bs)
-    x = torch.full((B, n_blocks * bs), mask_id, dtype=torch.long, device=device)
-    x[:, :P] = idx.to(device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = P + new_tokens                                                  # (B,) each row's end
-    stats = {'nfe': 0, 'forward_passes': 0, 'row_nfe': torch.zeros(B, dtype=torch.long, device=device),
-             'rows_x_tokens': torch.zeros(B, dtype=torch.long, device=device)}
-    drafts = None                                                           # speculative rows' draft sources
-    if any(getattr(RULES[name], 'drafts', False) for name, _ in sampling.groups):
-        drafts = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype)
-    cache = None
-    if kv_cache:
-        cache = KVCache(cfg.n_layers, B, cfg.n_heads, window, cfg.hidden_dim // cfg.n_heads, bs, device,
-                        model.vocab_embed.embedding.dtype)
-        stats['forward_passes'] += prefill(model, idx.to(device), cache)   # the prompt's complete blocks
-    clean = torch.zeros(B, device=device)
-    for lo in range(P // bs * bs, n_blocks * bs, bs):                      # Alg. 2: blocks left to right
-        xb = x[:, lo:lo + bs]                                                # a view: updated in place
-        masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
-        u_block = rand(masked.shape, generator, device, masked.any(-1))    # the block's random order
-        hidden = block_pass(model, x, lo, cache)
-        if drafts is not None:
-            drafts.zero_()
-        while masked.any():                                  # denoise the block, one model call at a time
-            rows = denoise_step(model, xb, masked, u_block, sampling, hidden, generator, drafts)
-            stats['row_nfe'] += rows > 0
-            stats['rows_x_tokens'] += rows * bs
-            stats['nfe'] += 1
-        if cache is not None:                                # the finished block joins the clean prefix
-            hidden(xb, model.cond(clean, B))
-            cache.commit()
-        end = min(lo + bs, total)
-        apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
-        if on_block is not None:
-            on_block(x[:, :end], end)
-        if done.all():
-            break
-    stats['forward_passes'] += stats['nfe'] + (cache.n_committed - P // bs if cache is not None else 0)
-    x = x[:, :total]
-    x[x == mask_id] = eos_id  # only possible in rows that stopped early
-    stats['lengths'] = lengths
-    return (x, stats) if return_stats else x
+    lengths = torch.tensor([P + n for n in new], dtype=torch.long, device=device)
+    return sampling, lengths, cfg.eos_id if eos_id is None else eos_id
 
 
-BD3LM.generate = generate   # model.generate(idx, max_new_tokens, ...): the same function
-
-
-def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
-    """After a block: rows that generated an EOS (stop_at_eos) or whose last 256 tokens are degenerate
-    (unigram entropy below stop_entropy; the window is dropped, and this cut wins over an EOS) stop."""
-    for r in range(x.shape[0]):
-        if done[r]:
-            continue
-        cut = None
-        if stop_at_eos:
-            generated = (x[r, P:end] == eos_id).nonzero()
-            if len(generated):
-                cut = P + int(generated[0]) + 1
-        if stop_entropy is not None and end > 256 and unigram_entropy(x[r, end - 256:end]) < stop_entropy:
-            cut = max(P, end - 256)
-        if cut is not None:
-            done[r] = True
-            lengths[r] = cut
-            x[r, cut:] = eos_id
+import speculative  # noqa: E402,F401  (registers RULES['speculative']; it needs the names above)

@@ -3,14 +3,14 @@ The serving engine: continuous batching of rows that sit at different places in 
 
 bd3lm.generate runs a batch whose rows move block by block in lockstep. A server cannot wait for that:
 requests arrive and leave at any moment, with their own prompts, lengths, seeds and unmasking rules.
-Here every running row keeps its own block, position and KV-cache count, and one engine step is one
-model call for all of them (bd3lm.denoise_step, the sampler's own step): rows mid-block are denoised,
-rows whose block just finished write it into their cache in the same call (a clean block has nothing
-masked, so the step only writes its keys). Rows join between steps and leave at once when done or
-cancelled. A row's tokens are what bd3lm.generate gives it alone with the same generator.
+Here every running row keeps its own block and position, and one engine step is one model call for all
+of them, the same call bd3lm.generate makes (bd3lm.block_pass + bd3lm.denoise_step): every row's block
+is denoised, and a row whose previous block just finished writes it into its cache in that same call.
+Rows join between steps (their prompt written into the cache in one pass) and leave at once when done
+or cancelled. A row's tokens are what bd3lm.generate gives it alone with the same generator.
 
-Memory is bounded: one RowCache of `max_rows` rows is allocated when the engine starts, and rows are
-kept in its first slots. Rows without a cache (kv_cache=False, the reference path) run one model call
+Memory is bounded: one bd3lm.KVCache of `max_rows` rows is allocated when the engine starts, and rows
+are kept in its first rows. Rows without a cache (kv_cache=False, the reference path) run one model call
 at a time in turn with the cached batch.
 """
 import threading
@@ -19,55 +19,6 @@ import time
 import torch
 
 import bd3lm
-
-
-class RowCache:
-    """bd3lm.KVCache's contract (the model calls update(layer, k, v)) for rows at different blocks: slot i
-    holds row i's ring of model_length positions and its own count of finished blocks."""
-
-    def __init__(self, model, n_rows, device):
-        cfg = model.config
-        shape = (cfg.n_layers, n_rows, cfg.n_heads, cfg.model_length, cfg.hidden_dim // cfg.n_heads)
-        dtype = model.vocab_embed.embedding.dtype
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size, self.n_slots = cfg.block_size, cfg.model_length // cfg.block_size
-        self.counts = [0] * n_rows                 # finished blocks per slot (on the host)
-        self.use(0, n_rows)
-
-    def use(self, lo, hi):
-        """The next passes run the rows in slots lo..hi-1. Where each row's block goes and what it may attend
-        to is worked out here, once per pass (plain ints when the rows agree)."""
-        bs, counts, device = self.block_size, self.counts[lo:hi], self.k.device
-        starts = [(n % self.n_slots) * bs for n in counts]
-        valid = [min(n + 1, self.n_slots) * bs for n in counts]
-        index = None if len(set(starts)) == 1 else (
-            torch.tensor(starts, device=device)[:, None] + torch.arange(bs, device=device))        # (B, bs)
-        mask = None if len(set(valid)) == 1 else (
-            torch.arange(max(valid), device=device) < torch.tensor(valid, device=device)[:, None])[:, None, None]
-        self.plan = lo, hi, starts[0], max(valid), index, mask
-
-    def update(self, layer, k, v):
-        lo, hi, start, n_valid, index, mask = self.plan
-        keys, values = self.k[layer, lo:hi], self.v[layer, lo:hi]
-        if index is None:
-            keys[:, :, start:start + self.block_size] = k
-            values[:, :, start:start + self.block_size] = v
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            keys[rows, :, index] = k.transpose(1, 2)          # (B, bs, H, head_dim) at each row's slot
-            values[rows, :, index] = v.transpose(1, 2)
-        return keys[:, :, :n_valid], values[:, :, :n_valid], mask
-
-    def commit(self):
-        """The planned rows' block is clean and in the cache (bd3lm.prefill calls this after each block)."""
-        lo, hi = self.plan[:2]
-        for i in range(lo, hi):
-            self.counts[i] += 1
-        self.use(lo, hi)
-
-    def move(self, src, dst):
-        """Row src now lives in slot dst (rows stay in the first slots as others leave)."""
-        self.k[:, dst], self.v[:, dst], self.counts[dst] = self.k[:, src], self.v[:, src], self.counts[src]
 
 
 class Row:
@@ -94,10 +45,10 @@ class Row:
 
 
 class Batch:
-    """Rows that run together, one model call per step: with a RowCache (every cached row) or, for one
-    uncached row, over its whole text."""
+    """Rows that run together, one model call per step: with a bd3lm.KVCache (every cached row) or, for one
+    uncached row, over its whole text. Row i lives in cache row i."""
 
-    PER_ROW = ('xb', 'masked', 'u_block', 'drafts')    # tensors with one entry per row, in row order
+    PER_ROW = ('xb', 'masked', 'u_block', 'state')      # tensors with one entry per row, in row order
 
     def __init__(self, model, device, cache=None):
         bs = model.config.block_size
@@ -105,9 +56,10 @@ class Batch:
         self.xb = torch.zeros(0, bs, dtype=torch.long, device=device)     # each row's current block
         self.masked = torch.zeros(0, bs, dtype=torch.bool, device=device)
         self.u_block = torch.zeros(0, bs, dtype=torch.float64, device=device)
-        self.drafts = torch.zeros(0, bs, model.config.hidden_dim, device=device,   # speculative rows' draft
-                                  dtype=model.vocab_embed.embedding.dtype)       # sources (bd3lm.draft_rows)
-        self.x = None                                                     # uncached: the row's whole text
+        self.state = torch.zeros(0, bs, model.config.hidden_dim, device=device,   # drafting rules' hidden
+                                 dtype=model.vocab_embed.embedding.dtype)        # states (speculative.py)
+        self.finished = []              # rows whose finished block the next step writes into their cache
+        self.sampling, self.x = None, None                                # uncached: the row's whole text
 
     def start_block(self, i, row):
         # Row i's block at row.lo: the prompt tokens it holds, masks up to the row's end, a random order.
@@ -118,74 +70,73 @@ class Batch:
         self.xb[i] = block
         self.masked[i] = (block == mask_id) & (torch.arange(row.lo, row.lo + bs, device=self.device) < row.end)
         self.u_block[i] = bd3lm.rand((1, bs), [row.generator], self.device, self.masked[i:i + 1].any(-1))[0]
-        self.drafts[i] = 0
+        self.state[i] = 0
 
     def admit(self, row):
-        """The row joins: its prompt's complete blocks are written into its cache slot (the first free one)
-        and it starts its block. Nothing changes if this fails."""
+        """The row joins: its settings are checked, its prompt's complete blocks are written into its cache row
+        (the first free one) in one pass, and it starts its block. If anything fails, nothing has changed."""
         bs, n = self.model.config.block_size, len(self.rows)
-        row.lo = len(row.prompt) // bs * bs
+        sampling = self.settings(self.rows + [row])           # checked before anything changes
         prompt = torch.tensor([row.prompt], device=self.device)
+        complete = len(row.prompt) // bs * bs
         if self.cache is not None:
-            self.cache.counts[n] = 0
-            self.cache.use(n, n + 1)
-            bd3lm.prefill(self.model, prompt, self.cache)
+            if complete:
+                bd3lm.prefill(self.model, self.cache, prompt[:, :complete], row=n)
         else:
             self.x = torch.full((1, -(-row.end // bs) * bs), self.model.config.mask_id, device=self.device)
             self.x[:, :len(row.prompt)] = prompt
         for name in self.PER_ROW:
             t = getattr(self, name)
             setattr(self, name, torch.cat([t, t.new_zeros((1,) + t.shape[1:])]))
+        row.lo = complete
         self.rows.append(row)
+        self.sampling = sampling
         self.start_block(n, row)
-        self.regroup()
+        return bool(complete)                                  # whether it ran a prefill pass
 
-    def regroup(self):
-        # The sampler's settings for the rows as they are now: one unmasking rule, knob, order, ... per row.
-        r = self.rows
-        self.sampling = bd3lm.Sampling(len(r), self.device, [x.rule for x in r], [x.knob for x in r],
-                                       [x.order for x in r], [float(x.temperature) for x in r],
-                                       [float(x.top_p) for x in r]) if r else None
+    def settings(self, rows):
+        # The sampler's settings for these rows: one unmasking rule, knob, order, ... per row.
+        return bd3lm.Sampling(len(rows), self.device, [x.rule for x in rows], [x.knob for x in rows],
+                              [x.order for x in rows], [float(x.temperature) for x in rows],
+                              [float(x.top_p) for x in rows]) if rows else None
 
     def step(self):
-        """One model call: every row mid-block is denoised; a row whose block was complete writes it into its
-        cache (a clean block has nothing masked: the call only writes its keys). Returns the rows that left."""
+        """One model call: every row is denoised; a row whose previous block just finished writes it into its
+        cache in the same call (bd3lm.block_pass). Returns the rows that left."""
         bs = self.model.config.block_size
-        committing = (~self.masked.any(-1)).tolist()
+        starts = [row.lo for row in self.rows]
         if self.cache is not None:
-            self.cache.use(0, len(self.rows))
-            positions = torch.tensor([row.lo for row in self.rows], device=self.device)[:, None] \
-                + torch.arange(bs, device=self.device)
-            hidden = lambda xb, c: self.model.hidden(xb, c, positions, self.cache)
-        else:                                       # one row, the pass over its text (bd3lm.block_pass)
-            lo = self.rows[0].lo
-            self.x[:, lo:lo + bs] = self.xb
-            hidden = bd3lm.block_pass(self.model, self.x, lo, None)
+            finished = None
+            if self.finished:
+                finished = (self.finished, torch.stack([self.done_blocks[i] for i in self.finished]))
+            forward = bd3lm.block_pass(self.model, None, starts, self.cache, finished)
+        else:                                       # one row, the pass over its text
+            self.x[:, starts[0]:starts[0] + bs] = self.xb
+            forward = bd3lm.block_pass(self.model, self.x, starts, None)
         with torch.no_grad():
-            bd3lm.denoise_step(self.model, self.xb, self.masked, self.u_block, self.sampling, hidden,
-                               [row.generator for row in self.rows], self.drafts)
+            bd3lm.denoise_step(self.model, self.xb, self.masked, self.u_block, self.state, self.sampling, forward,
+                               [row.generator for row in self.rows])
         complete = (~self.masked.any(-1)).tolist()
-        left = []
+        self.finished, self.done_blocks, left = [], {}, []
         for i, row in enumerate(self.rows):
-            if committing[i]:                       # its clean block is in the cache now: start the next
-                self.cache.counts[i] += 1
-                row.lo += bs
-                self.start_block(i, row)
-            elif complete[i]:
+            if complete[i]:
                 if row.block_done(self.xb[i, max(len(row.prompt) - row.lo, 0):min(row.end - row.lo, bs)].tolist()):
                     left.append(i)
                     continue
-                if self.cache is None:              # nothing to write: the next block starts at once
+                if self.cache is None:
                     self.x[:, row.lo:row.lo + bs] = self.xb[i]
-                    row.lo += bs
-                    self.start_block(i, row)
+                else:                               # the next call writes it into the cache
+                    self.finished.append(i)
+                    self.done_blocks[i] = self.xb[i].clone()
+                row.lo += bs
+                self.start_block(i, row)
             if row.cancelled:
                 left.append(i)
         self.remove(left)
         return left
 
     def remove(self, indices):
-        """Rows at `indices` leave; the others move down into the first slots."""
+        """Rows at `indices` leave; the others move down into the first cache rows."""
         if not indices:
             return
         keep = [i for i in range(len(self.rows)) if i not in set(indices)]
@@ -196,7 +147,10 @@ class Batch:
         self.rows = [self.rows[i] for i in keep]
         for name in self.PER_ROW:
             setattr(self, name, getattr(self, name)[idx])
-        self.regroup()
+        moved = {old: new for new, old in enumerate(keep)}
+        self.finished = [moved[i] for i in self.finished if i in moved]
+        self.done_blocks = {moved[i]: b for i, b in self.done_blocks.items() if i in moved}
+        self.sampling = self.settings(self.rows)
 
 
 class EngineStopped(RuntimeError):
@@ -211,7 +165,7 @@ class Engine:
 
     def __init__(self, model, device, max_rows, batch_wait_s=0.02):
         self.model, self.device, self.max_rows, self.batch_wait_s = model, device, max_rows, batch_wait_s
-        self.cache = RowCache(model, max_rows, device)          # all the KV cache it will ever hold
+        self.cache = bd3lm.KVCache(model, max_rows, device)     # all the KV cache it will ever hold
         self.cached, self.uncached, self.waiting, self.joining = Batch(model, device, self.cache), [], [], []
         self.calls, self.alive, self.error = 0, True, None
         self.cv = threading.Condition()
@@ -260,8 +214,9 @@ class Engine:
             self.waiting = self.waiting[len(joining):]
         for row in joining:
             if row.kv_cache:
-                if self.guard([row], lambda: self.cached.admit(row)):
-                    self.calls += len(row.prompt) // self.model.config.block_size     # its prefill passes
+                prefilled = []
+                if self.guard([row], lambda: prefilled.append(self.cached.admit(row))):
+                    self.calls += prefilled[0]                  # its prefill pass
             else:
                 batch = Batch(self.model, self.device)
                 if self.guard([row], lambda: batch.admit(row)):

@@ -54,7 +54,7 @@ def check_engine_rows_equal_generate_alone(model, prompts, lengths, settings, jo
     import engine
     seed = lambda i: torch.Generator().manual_seed(1000 + i)
     rows = [engine.Row(p, n, seed(i), **s) for i, (p, n, s) in enumerate(zip(prompts, lengths, settings))]
-    batch = engine.Batch(model, 'cpu', engine.RowCache(model, len(rows), 'cpu'))
+    batch = engine.Batch(model, 'cpu', bd3lm.KVCache(model, len(rows), 'cpu'))
     for row in rows[:len(rows) - joining_late]:
         batch.admit(row)
     for _ in range(steps_before):

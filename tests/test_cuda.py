@@ -169,7 +169,7 @@ def check_cached_equals_uncached(device):
 
 
 def check_engine_row_equals_generate(device):
-    """engine.Batch with a RowCache on the device: rows of different prompt lengths and rules, joining
+    """engine.Batch with a bd3lm.KVCache on the device: rows of different prompt lengths and rules, joining
     while others run, each get what model.generate gives them alone (float64: no draw can move)."""
     model = random_model(vocab_size=50258, block_size=4, model_length=16, hidden_dim=32, n_heads=2)
     model = model.double().to(device)
@@ -182,7 +182,7 @@ def check_engine_row_equals_generate(device):
     gen = lambda i: torch.Generator(device).manual_seed(1000 + i)
     rows = [engine.Row(prompts[i], lengths[i], gen(i), temperature=0.8, top_p=0.9, **rules[i])
             for i in range(6)]
-    batch = engine.Batch(model, device, engine.RowCache(model, 6, device))
+    batch = engine.Batch(model, device, bd3lm.KVCache(model, 6, device))
     for i, row in enumerate(rows):
         batch.admit(row)
         for _ in range(3 * (i < 2)):          # the first two are mid-text when the others join

@@ -64,7 +64,7 @@ def free_port():
 
 def test_a_new_rule_is_one_function_registered_in_a_copy_of_bd3lm(tmp_path):
     # Register the rule in a copy of the project's bd3lm.py; nothing else changes.
-    for name in ('bd3lm.py', 'checkpoints.py', 'tokenizer.py', 'engine.py', 'sample.py', 'serve.py', 'configurator.py'):
+    for name in ('bd3lm.py', 'speculative.py', 'checkpoints.py', 'tokenizer.py', 'engine.py', 'sample.py', 'serve.py', 'configurator.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     with open(tmp_path / 'bd3lm.py', 'a') as f:
         f.write('\n' + RULE_RECIPE)

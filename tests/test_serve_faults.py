@@ -85,13 +85,13 @@ def wait_running(port, n, within=10.0):
 # --- serve.py in this process, over a model that fails on demand ----------------------------------------
 
 def poisoned(model):
-    real = model.hidden
+    real = model.transformer
 
-    def hidden(x, *args, **kwargs):
+    def transformer(x, *args, **kwargs):
         if bool((x == POISON).any()):
             raise RuntimeError('poisoned block')
         return real(x, *args, **kwargs)
-    model.hidden = hidden           # the engine, bd3lm.prefill and bd3lm.block_pass all call model.hidden
+    model.transformer = transformer     # every pass (bd3lm.prefill, bd3lm.block_pass) runs model.transformer
     return model
 
 
