@@ -257,8 +257,11 @@ class BD3LMEval(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        # lm-eval's disjoint windows: each scores up to model_length - 1 tokens after one token of
-        # context (BOS for the first window), the way the paper scores BOS-led chunks.
+        # lm-eval's disjoint rolling windows of model_length tokens: the first is BOS + model_length - 1
+        # scored tokens, each full one after it is the last token before it + model_length - 1 scored
+        # tokens, and the last one keeps as much true context as fits (17 tokens at model_length 16:
+        # (context, scored) = (1, 15) then (14, 2)). Every token is scored once, after its true preceding
+        # tokens.
         out = []
         for (text,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc='rolling'):
             windows = get_rolling_token_windows(self.tok_encode(text), self.config.bos_id,

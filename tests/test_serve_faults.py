@@ -16,6 +16,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 import torch
 
+import bd3lm
 import engine
 from conftest import random_model
 from tokenizer import get_tokenizer
@@ -316,3 +317,34 @@ def test_health_under_load_and_token_id_prompts(server):
     assert with_bos['usage']['prompt_tokens'] == len(ids) + 1 == without['usage']['prompt_tokens']
     assert with_bos['choices'][0]['text'] == without['choices'][0]['text'], (with_bos, without)
     assert settled(port)['running'] == 0
+
+
+def test_a_row_rejected_at_admission_changes_nothing():
+    # A row whose settings the sampler refuses must leave the running rows as they were: once, admission
+    # appended it before checking, and the next step failed every row (or ran it with another's settings).
+    model = random_model(block_size=4, model_length=16)
+    seed = lambda: torch.Generator().manual_seed(0)
+    alone = lambda n, **kw: model.generate(torch.tensor([[35, 1, 2]]), n, generator=[seed()], **kw)[0, 3:].tolist()
+    # the engine: a tempered row is running when a row with an out-of-range knob arrives
+    eng = engine.Engine(model, 'cpu', 4, 0.0)
+    good, bad = Row([35, 1, 2], 400, seed(), temperature=0.7), Row([35, 4], 20, seed(), rule='threshold', knob=2.0)
+    eng.submit([good])
+    t0 = time.time()
+    while not good.tokens and time.time() - t0 < 30:
+        time.sleep(0.001)
+    eng.submit([bad])
+    while eng.snapshot['running'] + eng.snapshot['waiting'] and time.time() - t0 < 60:
+        time.sleep(0.01)
+    assert bad.cancelled and "rule 'threshold' needs a knob" in bad.error
+    assert not good.cancelled and good.tokens == alone(400, temperature=0.7)
+    # a batch: beside an untempered first-hitting row, the refused row must not run with its settings
+    batch = engine.Batch(model, 'cpu', bd3lm.KVCache(model, 2, 'cpu'))
+    good = Row([35, 1, 2], 30, seed())
+    batch.admit(good)
+    batch.step()
+    with pytest.raises(ValueError, match="rule 'threshold' needs a knob"):
+        batch.admit(Row([35, 4], 20, seed(), rule='threshold', knob=2.0))
+    assert batch.rows == [good] and batch.xb.shape[0] == 1 and batch.sampling.knob.shape == (1,)
+    while batch.rows:
+        batch.step()
+    assert good.tokens == alone(30)

@@ -187,3 +187,14 @@ def test_engine_rows_equal_generate_alone():
 def test_speculative_takes_no_confidence_order():
     with pytest.raises(ValueError, match='order must be one of'):
         bd3lm.Sampling(1, 'cpu', 'speculative', 2, 'confidence')
+
+
+def test_a_huge_knob_drafts_the_whole_block():
+    # A knob past int64 (10**19) is clamped to the block before it becomes an integer: it drafts as much
+    # as knob = block_size, token for token (it once overflowed to a negative count and drafted nothing).
+    model = random_model(block_size=4, model_length=16)
+    idx = torch.randint(0, 36, (8, 3), generator=torch.Generator().manual_seed(0))
+    runs = [model.generate(idx, 30, rule='speculative', knob=k, generator=torch.Generator().manual_seed(2),
+                           return_stats=True) for k in (10 ** 19, 4, 0)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]['row_nfe'], runs[1][1]['row_nfe'])
+    assert runs[0][1]['row_nfe'].sum() < runs[2][1]['row_nfe'].sum()      # fewer calls than one per token
