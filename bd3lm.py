@@ -387,7 +387,7 @@ class BD3LM(nn.Module):
         self.register_buffer('sampling_eps_min', torch.tensor(1e-3))
         self.register_buffer('sampling_eps_max', torch.tensor(1.0))
         self.attn_backend = 'sdpa'  # or 'flex': FlexAttention, same numbers; see use_flex_attention()
-        self._masks = {}
+        self._masks, self._constant_c = {}, (None, {})
         self.vocab = None  # WordPiece models: the token strings in id order (saved as vocab.txt)
 
     def use_flex_attention(self, enabled=True):
@@ -419,11 +419,18 @@ class BD3LM(nn.Module):
         if not self.config.adaln:
             return None
         device = self.vocab_embed.embedding.device
-        if t is None or not self.config.time_conditioning:
-            sigma = torch.zeros(batch_size, device=device)
-        else:
-            sigma = sigma_from_move_chance(torch.as_tensor(t, device=device).float())
-        return F.silu(self.sigma_map(sigma))
+        if t is not None and self.config.time_conditioning:
+            return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
+        if torch.is_grad_enabled():
+            return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
+        # Without gradients (sampling asks for it every call) the constant is computed once per batch size
+        # and version of the weights: an optimizer step, load_state_dict or .to() makes it anew.
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.sigma_map.parameters())
+        if self._constant_c[0] != key:
+            self._constant_c = key, {}
+        if batch_size not in self._constant_c[1]:
+            self._constant_c[1][batch_size] = F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
+        return self._constant_c[1][batch_size]
 
     def train_hidden(self, xt, x0, c):
         """Hidden states (B, L, D) of xt's half of the training pass. Both halves use positions
@@ -844,10 +851,11 @@ class Proposal:
         self._c, self._sampling = c, sampling                            # and each position's token uniform
         self._rows = torch.arange(masked.shape[0], device=masked.device) if rows is None else rows
 
-    def law(self, where):
+    def law(self, where, logits=None):
         """The law (N, V) a token is drawn from at `where`: p_theta (mask token excluded, SUBS) at the row's
-        temperature (0 = all mass on the most likely token) and top_p, float64."""
-        logits = self._logits(where)
+        temperature (0 = all mass on the most likely token) and top_p, float64. (logits: p_theta's logits
+        there, when already projected.)"""
+        logits = self._logits(where) if logits is None else logits
         s, rows = self._sampling, self._rows[where[0]]
         if s.any_scaled:
             temperature = s.temperature[rows]
@@ -886,7 +894,7 @@ class Proposal:
         # every masked position: where, log p_theta (N, V), the proposed token (N,)
         where = self.masked.nonzero(as_tuple=True)
         logits = self._logits(where)
-        return where, logits.log_softmax(-1), sample_categorical(self.law(where), self.u_token[where])
+        return where, logits.log_softmax(-1), sample_categorical(self.law(where, logits), self.u_token[where])
 
     def _full(self, values, fill=0.0):
         out = torch.full(self.masked.shape, fill, dtype=values.dtype, device=values.device)

@@ -37,27 +37,36 @@ def best_of(fn):
     return min(times)
 
 
-# The whole sampler: every call of a first-hitting run with the KV cache (one call per token, plus one
-# cache commit per block).
+# The whole sampler: every call of a first-hitting run with the KV cache (one call per token; with this
+# checkout's sampler a call is one pass, where older ones added a cache-write pass per block).
 idx = torch.full((1, 1), config.bos_id)
 _, stats = model.generate(idx, args.tokens, return_stats=True)
 total = best_of(lambda: model.generate(idx, args.tokens))
 calls = stats['forward_passes']
+fused = calls == stats['nfe']                 # the finished block rides along with the next call
 
 
 @torch.no_grad()
 def bare():
-    # The same passes with nothing around them: the block through the cached transformer, and one
-    # position through the vocabulary projection (what first-hitting needs), cycling through the ring.
-    cache = bd3lm.KVCache(config.n_layers, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
-                          bs, 'cpu', torch.float32)
+    # The same passes with nothing around them: the block through the cached transformer (the first call of
+    # a block also carrying the finished block before it, where the sampler does that), and one position
+    # through the vocabulary projection (what first-hitting needs).
+    n_blocks = -(-(args.tokens + 1) // bs)
     x = torch.randint(0, 999, (1, bs))
     c = model.cond(None, 1)
-    n_blocks = -(-(args.tokens + 1) // bs)
-    per_block = calls // n_blocks
+    if hasattr(bd3lm, 'block_pass') and fused:
+        cache = bd3lm.KVCache(model, 1, 'cpu')
+        for b in range(n_blocks):
+            for i in range(calls // n_blocks):
+                finished = ([0], x) if b and not i else None
+                h = bd3lm.block_pass(model, None, [b * bs], cache, finished)(x[:, None], c)
+                model.output_layer(h[:, 0, 0], c)
+        return
+    cache = bd3lm.KVCache(config.n_layers, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
+                          bs, 'cpu', torch.float32)
     for b in range(n_blocks):
         positions = torch.arange(b * bs, (b + 1) * bs)
-        for _ in range(per_block):
+        for _ in range(calls // n_blocks):
             h = model.hidden(x, c, positions, cache)
             model.output_layer(h[:, 0], c)
         cache.commit()
