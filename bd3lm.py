@@ -54,6 +54,11 @@ class BD3LMConfig:
     TOKENIZERS = ('gpt2', 'wordpiece')
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Check every field (strict types, ranges, special tokens inside the vocabulary) and fill in the
+        default special tokens; one ValueError that lists every problem."""
         problems = []
         for f in fields(self):  # strict types: "false" is not False, 50257.0 is not a token id
             value = getattr(self, f.name)
@@ -425,7 +430,8 @@ class BD3LM(nn.Module):
             return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
         # Without gradients (sampling asks for it every call) the constant is computed once per batch size
         # and version of the weights: an optimizer step, load_state_dict or .to() makes it anew.
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.sigma_map.parameters())
+        mlp = self.sigma_map.mlp
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
         if self._constant_c[0] != key:
             self._constant_c = key, {}
         if batch_size not in self._constant_c[1]:
@@ -726,12 +732,10 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     x = torch.full((B, -(-total // bs) * bs), mask_id, dtype=torch.long, device=device)
     x[:, :P] = idx
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    stats = {'nfe': 0, 'forward_passes': 0, 'row_nfe': torch.zeros(B, dtype=torch.long, device=device),
-             'rows_x_tokens': torch.zeros(B, dtype=torch.long, device=device)}
+    ran = []                                          # (B,) block rows each row ran, per call
     cache = KVCache(model, B, device) if kv_cache else None
     if cache is not None and P >= bs:                 # the prompt's complete blocks, in one pass
         prefill(model, cache, x[:, :P // bs * bs])
-        stats['forward_passes'] += 1
     state = None                                      # a drafting rule's hidden states, kept between calls
     if any(hasattr(RULES[name], 'draft') for name, _ in sampling.groups):
         state = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype)
@@ -746,11 +750,8 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
             state.zero_()
         while masked.any():                           # denoise the block, one model call at a time
             forward = block_pass(model, x, [lo] * B, cache, finished)
-            rows = denoise_step(model, xb, masked, uniform, state, sampling, forward, generator)
+            ran.append(denoise_step(model, xb, masked, uniform, state, sampling, forward, generator))
             finished = None
-            stats['nfe'] += 1
-            stats['row_nfe'] += rows > 0
-            stats['rows_x_tokens'] += rows * bs
         finished = None if cache is None else (list(range(B)), xb)
         end = min(lo + bs, total)
         apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
@@ -758,11 +759,13 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
             on_block(x[:, :end], end)
         if done.all():
             break
-    stats['forward_passes'] += stats['nfe']
     x = x[:, :total]
     x[x == mask_id] = eos_id                          # only possible in rows that stopped early
-    stats['lengths'] = lengths
-    return (x, stats) if return_stats else x
+    if not return_stats:
+        return x
+    ran = torch.stack(ran) if ran else torch.zeros(0, B, dtype=torch.long, device=device)
+    return x, {'nfe': len(ran), 'forward_passes': len(ran) + (cache is not None and P >= bs),
+               'row_nfe': (ran > 0).sum(0), 'rows_x_tokens': ran.sum(0) * bs, 'lengths': lengths}
 
 
 BD3LM.generate = generate   # model.generate(idx, max_new_tokens, ...): the same function
@@ -772,59 +775,67 @@ def denoise_step(model, xb, masked, uniform, state, sampling, forward, generator
     """One model call for a batch of blocks (Alg. 2's inner loop): run the model, let each row's rule
     choose which masked positions to reveal, write the proposed tokens there. xb (B, bs) tokens and masked
     (B, bs) are updated in place; uniform (B, bs) is the block's random order; state (B, bs, D) the
-    drafting rules' hidden states (or None). forward(versions, c) runs the model on versions (B, m, bs) of
-    the blocks -> (B, m, bs, D): m = 1 unless a rule drafts (block_pass). Returns (B,) the block rows each
-    row ran (0: it drew nothing)."""
+    drafting rules' hidden states (None: no row drafts). forward(versions, c) runs the model on versions
+    (B, m, bs) of the blocks -> (B, m, bs, D) (block_pass): m = 1 unless a rule drafts. Returns (B,) the
+    block rows each row ran (0: it drew nothing)."""
     B, bs = xb.shape
     drawing = masked.any(-1)
     u_token = rand(masked.shape, generator, xb.device, drawing)                     # one uniform per position
-    groups = [(RULES[name], order, slice(None) if rows is None else rows, rows)
-              for (name, order), rows in sampling.groups.items()]
-    # A time-conditioned model is told the masked fraction of each version of the block.
-    c = c_block = model.cond(masked.sum(-1) / bs, B)                                # (B, cond_dim) or None
-    versions, drafts = xb[:, None], {}              # (B, m, bs): the block itself, plus any verify rows
-    for i, (rule, order, idx, rows) in enumerate(groups):
-        if hasattr(rule, 'draft'):
-            source = Proposal(model, state[idx], masked[idx], uniform[idx], u_token[idx], sampling, rows, order,
-                              None if c is None else c[idx])
-            gen = [generator[r] for r in rows.tolist()] if isinstance(generator, (list, tuple)) and rows is not None \
-                else generator
-            drafts[i] = rule.draft(source, sampling.knob[idx], xb[idx], gen)
-    if drafts:
-        m = max(d.versions.shape[1] for d in drafts.values())
-        versions = xb[:, None].repeat(1, m, 1)
-        for i, d in drafts.items():
-            versions[groups[i][2], :d.versions.shape[1]] = d.versions
-        t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs     # (B, m)
-        c = model.cond(t.flatten(), t.numel())                                      # (B * m, cond_dim)
-    h = forward(versions, c)                                                        # (B, m, bs, D)
-    c = None if c is None else c.view(B, -1, c.shape[-1])
-    reveal = torch.zeros_like(masked)
-    for i, (rule, order, idx, rows) in enumerate(groups):
-        p = Proposal(model, h[idx, 0], masked[idx], uniform[idx], u_token[idx], sampling, rows, order,
-                     None if c_block is None else c_block[idx])
+    # A time-conditioned model is told the masked fraction of its block.
+    c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # (B, cond_dim) or None
+    versions, c_versions, drafts = xb[:, None], c, {}
+    if state is not None:                     # verify rows for the drafting rules' rows (speculative.py)
+        versions, c_versions, drafts = verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator)
+    h = forward(versions, c_versions)                                               # (B, m, bs, D)
+    for i, (rule, order, rows) in enumerate(sampling.rules):
+        take = (lambda t: t) if rows is None else (lambda t: t[rows])          # this group's rows
+        p = Proposal(model, take(h[:, 0]), take(masked), take(uniform), take(u_token), sampling, rows, order,
+                     None if c is None else take(c))
         if i in drafts:
-            p.draft, p.versions = drafts[i], (h[idx], None if c is None else c[idx])
-        out = rule(p, sampling.knob[idx])
-        r, tokens, keep = out if isinstance(out, tuple) else (out, None, None)
-        r = r & p.masked
-        # The sampler guarantees progress: a row that revealed nothing reveals its first in the order.
-        stuck = p.masked.any(-1) & ~r.any(-1)
+            p.draft = drafts[i]
+            p.versions = take(h), None if c_versions is None else take(c_versions.view(B, -1, c.shape[-1]))
+        out = rule(p, take(sampling.knob))
+        reveal, tokens, keep = out if isinstance(out, tuple) else (out, None, None)
+        reveal = reveal & p.masked
+        # The sampler guarantees progress: a row that revealed nothing reveals its first masked position in
+        # the order.
         first_in_order = p.priority.masked_fill(~p.masked, -math.inf).argmax(-1, keepdim=True)
-        fallback = torch.zeros_like(r).scatter_(-1, first_in_order, True) & stuck[:, None]
-        if tokens is None:
-            tokens = p.tokens_at(r | fallback)
-        elif fallback.any():
-            tokens = torch.where(fallback, p.tokens_at(fallback), tokens)
-        reveal[idx] = r | fallback
-        xb[idx] = torch.where(r | fallback, tokens, xb[idx])
+        fallback = ~reveal.any(-1, keepdim=True) & p.masked & (torch.arange(bs, device=xb.device) == first_in_order)
+        reveal = reveal | fallback
+        tokens = p.tokens_at(reveal) if tokens is None else torch.where(fallback, p.tokens_at(fallback), tokens)
+        put = (lambda t, v: t.copy_(v)) if rows is None else (lambda t, v: t.index_put_((rows,), v))
+        put(xb, torch.where(reveal, tokens, take(xb)))
+        put(masked, take(masked) & ~reveal)
         if keep is not None:
-            state[idx] = keep.to(state.dtype)
-    masked &= ~reveal
+            put(state, keep.to(state.dtype))
+    if not drafts:
+        return drawing.long()
     n_versions = torch.ones(B, dtype=torch.long, device=xb.device)
     for i, d in drafts.items():
-        n_versions[groups[i][2]] = 1 + d.n
+        n_versions[slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2]] = 1 + d.n
     return drawing.long() * n_versions
+
+
+def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator):
+    """What a call runs for drafting rules (rule.draft): each drafting row's verify rows, the other rows'
+    block alone (padded with copies of it). Returns versions (B, m, bs), their conditioning (B * m,
+    cond_dim) or None, and {group index: the group's draft}."""
+    B, bs = xb.shape
+    drafts = {}
+    for i, (rule, order, rows) in enumerate(sampling.rules):
+        if hasattr(rule, 'draft'):
+            take = (lambda t: t) if rows is None else (lambda t: t[rows])
+            source = Proposal(model, take(state), take(masked), take(uniform), take(u_token), sampling, rows, order,
+                              None if c is None else take(c))
+            gen = [generator[r] for r in rows.tolist()] if isinstance(generator, (list, tuple)) and rows is not None \
+                else generator
+            drafts[i] = rule.draft(source, take(sampling.knob), take(xb), gen)
+    m = max([d.versions.shape[1] for d in drafts.values()] + [1])
+    versions = xb[:, None].repeat(1, m, 1)
+    for i, d in drafts.items():
+        versions[slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2], :d.versions.shape[1]] = d.versions
+    t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
+    return versions, model.cond(t.flatten(), t.numel()), drafts
 
 
 class Proposal:
@@ -848,15 +859,15 @@ class Proposal:
     def __init__(self, model, h, masked, uniform, u_token, sampling, rows, order, c=None):
         self.masked, self.uniform, self.order = masked, uniform, order
         self.model, self.hidden, self.u_token = model, h, u_token      # the hidden states (B, bs, D) it reads
-        self._c, self._sampling = c, sampling                            # and each position's token uniform
-        self._rows = torch.arange(masked.shape[0], device=masked.device) if rows is None else rows
+        self._c, self._sampling, self._rows = c, sampling, rows          # and each position's token uniform
 
     def law(self, where, logits=None):
         """The law (N, V) a token is drawn from at `where`: p_theta (mask token excluded, SUBS) at the row's
         temperature (0 = all mass on the most likely token) and top_p, float64. (logits: p_theta's logits
         there, when already projected.)"""
         logits = self._logits(where) if logits is None else logits
-        s, rows = self._sampling, self._rows[where[0]]
+        s = self._sampling
+        rows = where[0] if self._rows is None else self._rows[where[0]]
         if s.any_scaled:
             temperature = s.temperature[rows]
             logits = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
@@ -1025,18 +1036,20 @@ class KVCache:
         copy of its row's ring with its own keys in it. Returns the positions (P, bs) or (bs,)."""
         bs, device = self.block_size, self.k.device
         n_keys = min(max(starts) + bs, self.window)                 # no slot past it is written yet
-        slots = torch.tensor([s % self.window for s in starts], device=device)[:, None] + torch.arange(bs, device=device)
+        base = torch.arange(bs, device=device)
+        if rows is None and len(set(starts)) == 1:                  # every row at the same block: slices
+            self._plan = 'shared', starts[0] % self.window, n_keys
+            return starts[0] + base
+        positions = torch.tensor(starts, device=device)[:, None] + base               # (P, bs)
+        slots = positions % self.window
         mask = None                                                 # rows whose ring is not full yet see less
         if min(starts) + bs < n_keys:
-            ends = torch.tensor([s + bs for s in starts], device=device)
-            mask = (torch.arange(n_keys, device=device) < ends[:, None])[:, None, None]      # (P, 1, 1, n_keys)
-        shared = len(set(starts)) == 1 and rows is None
+            mask = (torch.arange(n_keys, device=device) < positions[:, -1:] + 1)[:, None, None]   # (P, 1, 1, n_keys)
         if rows is not None:
             rows = torch.tensor(rows, device=device)
             write = torch.tensor(write, device=device).nonzero().flatten()
-        self._plan = 'step', rows, write, slots, n_keys, mask, starts[0] % self.window if shared else None
-        base = torch.arange(bs, device=device)
-        return starts[0] + base if shared else torch.tensor(starts, device=device)[:, None] + base
+        self._plan = 'rows', rows, write, slots, n_keys, mask
+        return positions
 
     def update(self, layer, k, v):
         """Write the pass's keys and values (P, H, bs, head_dim) as planned; return the keys and values to
@@ -1049,18 +1062,18 @@ class KVCache:
             keep -= start
             K[row:row + P, :, slots], V[row:row + P, :, slots] = k[:, :, keep:], v[:, :, keep:]
             return k, v, mask
-        _, rows, write, slots, n_keys, mask, start = self._plan
-        if rows is None:
-            if start is not None:                                   # every row at the same block
-                K[:P, :, start:start + self.block_size], V[:P, :, start:start + self.block_size] = k, v
-            else:
-                i = torch.arange(P, device=k.device)[:, None]
-                K[i, :, slots], V[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
+        if self._plan[0] == 'shared':
+            _, start, n_keys = self._plan
+            K[:P, :, start:start + self.block_size], V[:P, :, start:start + self.block_size] = k, v
+            return K[:P, :, :n_keys], V[:P, :, :n_keys], None
+        _, rows, write, slots, n_keys, mask = self._plan
+        i = torch.arange(P, device=k.device)[:, None]
+        if rows is None:                                            # rows at different blocks
+            K[i, :, slots], V[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
             return K[:P, :, :n_keys], V[:P, :, :n_keys], mask
         w = rows[write][:, None]
         K[w, :, slots[write]], V[w, :, slots[write]] = k[write].transpose(1, 2), v[write].transpose(1, 2)
         keys, values = K[rows, :, :n_keys], V[rows, :, :n_keys]      # copies: each pass row adds its own keys
-        i = torch.arange(P, device=k.device)[:, None]
         keys[i, :, slots], values[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
         return keys, values, mask
 
@@ -1217,6 +1230,8 @@ class Sampling:
             groups.setdefault((name, o), []).append(r)
         self.knob = torch.tensor(knobs, dtype=torch.float64, device=device)
         self.groups = {key: None if len(rows) == B else torch.tensor(rows, device=device) for key, rows in groups.items()}
+        # (rule, order, its rows or None for all): what denoise_step loops over
+        self.rules = [(RULES[name], o, rows) for (name, o), rows in self.groups.items()]
         for name, value, ok, what in (('temperature', temperature, lambda v: v >= 0, '>= 0 (0 = greedy)'),
                                       ('top_p', top_p, lambda v: 0 < v <= 1, 'in (0, 1]')):
             values = one_per_row(value, (list, tuple, torch.Tensor))

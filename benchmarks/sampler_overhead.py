@@ -78,3 +78,28 @@ print(f'{config.n_layers} layers x {config.hidden_dim}, vocab {config.vocab_size
 print(f'sampler: {1e6 * total / calls:8.1f} us per call')
 print(f'bare:    {1e6 * bare_time / calls:8.1f} us per call')
 print(f'host overhead: {1e6 * (total - bare_time) / calls:8.1f} us per call ({(total - bare_time) / total:.0%} of the sampler\'s time)')
+
+# The same, counted instead of timed (repeatable on a busy machine): the torch operators each call
+# dispatches, in the sampler and in the bare passes; the difference is the sampler's own work.
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class Count(TorchDispatchMode):
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        Count.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops(fn):
+    Count.n = 0
+    with Count():
+        fn()
+    return Count.n
+
+
+with torch.no_grad():
+    sampler_ops, bare_ops = ops(lambda: model.generate(idx, args.tokens)), ops(bare)
+print(f'torch operators per call: sampler {sampler_ops / calls:.1f}, bare {bare_ops / calls:.1f}, '
+      f'the sampler\'s own {(sampler_ops - bare_ops) / calls:.1f}')
