@@ -18,7 +18,6 @@ Beside it: checkpoints.py (file formats), tokenizer.py (GPT-2 BPE, BERT WordPiec
 per-row batching that serve.py runs).
 """
 
-import functools
 import math
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -426,7 +425,7 @@ class BD3LM(nn.Module):
         device = self.vocab_embed.embedding.device
         if t is not None and self.config.time_conditioning:
             return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
         # Without gradients (sampling asks for it every call) the constant is computed once per batch size
         # and version of the weights: an optimizer step, load_state_dict or .to() makes it anew.
@@ -740,6 +739,7 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     if any(hasattr(RULES[name], 'draft') for name, _ in sampling.groups):
         state = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype)
     finished = None                                   # the block the next call writes into the cache
+    compiled = COMPILED_STEP is not None and cache is not None and state is None   # (compile_sampler)
     for lo in range(P // bs * bs, x.shape[1], bs):    # Alg. 2: blocks left to right
         xb = x[:, lo:lo + bs]                         # a view: denoise_step fills it in place
         masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
@@ -749,8 +749,12 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
         if state is not None:
             state.zero_()
         while masked.any():                           # denoise the block, one model call at a time
-            forward = block_pass(model, x, [lo] * B, cache, finished)
-            ran.append(denoise_step(model, xb, masked, uniform, state, sampling, forward, generator))
+            u_token = rand(masked.shape, generator, device, masked.any(-1))  # this call's draws
+            forward = block_pass(model, x, [lo] * B, cache, finished, static=compiled)
+            if compiled:
+                ran.append(COMPILED_STEP(model, xb, masked, uniform, u_token, None, sampling, forward))
+            else:
+                ran.append(denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, generator))
             finished = None
         finished = None if cache is None else (list(range(B)), xb)
         end = min(lo + bs, total)
@@ -771,16 +775,16 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
 BD3LM.generate = generate   # model.generate(idx, max_new_tokens, ...): the same function
 
 
-def denoise_step(model, xb, masked, uniform, state, sampling, forward, generator):
+def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, generator=None):
     """One model call for a batch of blocks (Alg. 2's inner loop): run the model, let each row's rule
     choose which masked positions to reveal, write the proposed tokens there. xb (B, bs) tokens and masked
-    (B, bs) are updated in place; uniform (B, bs) is the block's random order; state (B, bs, D) the
-    drafting rules' hidden states (None: no row drafts). forward(versions, c) runs the model on versions
+    (B, bs) are updated in place; uniform (B, bs) is the block's random order, u_token (B, bs) this call's
+    uniform per position (a proposed token's draw); state (B, bs, D) the drafting rules' hidden states and
+    generator their random draws (None: no row drafts). forward(versions, c) runs the model on versions
     (B, m, bs) of the blocks -> (B, m, bs, D) (block_pass): m = 1 unless a rule drafts. Returns (B,) the
-    block rows each row ran (0: it drew nothing)."""
+    block rows each row ran (0: it drew nothing). Without drafts it is one graph: compile_sampler()."""
     B, bs = xb.shape
     drawing = masked.any(-1)
-    u_token = rand(masked.shape, generator, xb.device, drawing)                     # one uniform per position
     # A time-conditioned model is told the masked fraction of its block.
     c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # (B, cond_dim) or None
     versions, c_versions, drafts = xb[:, None], c, {}
@@ -838,6 +842,16 @@ def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generat
     return versions, model.cond(t.flatten(), t.numel()), drafts
 
 
+def lazy(fn):
+    """A property computed on first use and then kept: functools.cached_property, without the lock that
+    Python 3.11's has (torch.compile cannot trace it)."""
+    def get(self):
+        if fn.__name__ not in self.__dict__:
+            self.__dict__[fn.__name__] = fn(self)
+        return self.__dict__[fn.__name__]
+    return property(get, doc=fn.__doc__)
+
+
 class Proposal:
     """What one model call proposes for a batch of blocks: the fields an unmasking rule reads.
 
@@ -880,7 +894,7 @@ class Proposal:
     def tokens_at(self, reveal):
         """The proposed tokens (B, bs), valid where `reveal`: each position's token is drawn from law() with
         its own uniform, so projecting only the revealed positions gives the same tokens as projecting all."""
-        if '_at_masked' in self.__dict__:
+        if '_at_masked' in self.__dict__ or torch.compiler.is_compiling():
             return self._full(self._at_masked[2], 0)
         where = reveal.nonzero(as_tuple=True)
         out = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
@@ -900,10 +914,16 @@ class Proposal:
         logits[:, self.model.config.mask_id] = -math.inf
         return logits
 
-    @functools.cached_property
+    @lazy
     def _at_masked(self):
-        # every masked position: where, log p_theta (N, V), the proposed token (N,)
-        where = self.masked.nonzero(as_tuple=True)
+        # every masked position: where, log p_theta (N, V), the proposed token (N,). Under torch.compile,
+        # every position instead: fixed shapes, one graph (the values at unmasked positions are unused).
+        if torch.compiler.is_compiling():
+            B, bs = self.masked.shape
+            rows = torch.arange(B, device=self.masked.device)
+            where = rows.repeat_interleave(bs), torch.arange(bs, device=rows.device).repeat(B)
+        else:
+            where = self.masked.nonzero(as_tuple=True)
         logits = self._logits(where)
         return where, logits.log_softmax(-1), sample_categorical(self.law(where, logits), self.u_token[where])
 
@@ -912,24 +932,24 @@ class Proposal:
         out[self._at_masked[0]] = values
         return out
 
-    @functools.cached_property
+    @lazy
     def probs(self):
         where, log_p, _ = self._at_masked
         out = torch.zeros(self.masked.shape + log_p.shape[-1:], dtype=log_p.dtype, device=log_p.device)
         out[where] = log_p.exp()
         return out
 
-    @functools.cached_property
+    @lazy
     def confidence(self):
         _, log_p, token = self._at_masked
         return self._full(log_p.gather(-1, token[:, None]).squeeze(-1).exp())
 
-    @functools.cached_property
+    @lazy
     def entropy(self):
         log_p = self._at_masked[1]
         return self._full(-(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1))
 
-    @functools.cached_property
+    @lazy
     def priority(self):
         return {'uniform': lambda: self.uniform, 'confidence': lambda: self.confidence,
                 'entropy': lambda: -self.entropy}[self.order]()
@@ -1028,26 +1048,28 @@ class KVCache:
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.block_size, self.window = cfg.block_size, cfg.model_length
 
-    def plan(self, starts, rows=None, write=None):
+    def plan(self, starts, rows=None, write=None, static=False):
         """The next pass: pass row i is a block at positions starts[i]..+block_size (host ints) of cache row
         rows[i] (default i). Without `rows`, every pass row writes its keys into its ring and attends to
         it. With `rows` (several pass rows per cache row: a clean block and the next block in one pass, or
         verify rows), only the rows where `write` is True write into the ring; each pass row attends to a
-        copy of its row's ring with its own keys in it. Returns the positions (P, bs) or (bs,)."""
+        copy of its row's ring with its own keys in it. Returns the positions (P, bs) or (bs,). static: the
+        same shapes whatever the positions (every pass attends to the whole ring, masked), as a compiled
+        call needs."""
         bs, device = self.block_size, self.k.device
-        n_keys = min(max(starts) + bs, self.window)                 # no slot past it is written yet
+        n_keys = self.window if static else min(max(starts) + bs, self.window)     # no slot past it is written yet
         base = torch.arange(bs, device=device)
-        if rows is None and len(set(starts)) == 1:                  # every row at the same block: slices
+        if rows is None and len(set(starts)) == 1 and not static:   # every row at the same block: slices
             self._plan = 'shared', starts[0] % self.window, n_keys
             return starts[0] + base
         positions = torch.tensor(starts, device=device)[:, None] + base               # (P, bs)
         slots = positions % self.window
         mask = None                                                 # rows whose ring is not full yet see less
-        if min(starts) + bs < n_keys:
+        if min(starts) + bs < n_keys or static:
             mask = (torch.arange(n_keys, device=device) < positions[:, -1:] + 1)[:, None, None]   # (P, 1, 1, n_keys)
         if rows is not None:
             rows = torch.tensor(rows, device=device)
-            write = torch.tensor(write, device=device).nonzero().flatten()
+            write = torch.tensor([i for i, w in enumerate(write) if w], dtype=torch.long, device=device)
         self._plan = 'rows', rows, write, slots, n_keys, mask
         return positions
 
@@ -1082,37 +1104,58 @@ class KVCache:
         self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]
 
 
-def block_pass(model, x, starts, cache, finished=None):
+def block_pass(model, x, starts, cache, finished=None, static=False):
     """forward(versions, c) for the blocks at starts (B,) (host ints) of x (B, T): versions (B, m, bs) of
     each row's block (and verify rows) -> hidden states (B, m, bs, D). With a cache: one pass that attends
     to the cached prefix; finished = (rows, tokens (K, bs)) are those rows' finished blocks just before
-    their block, written into the cache in the same pass, at t = 0. Without a cache: the pass over the
-    block's receptive field under the banded mask (n_layers windows back: exact, and affordable for long
-    uncached generation); every row at the same block."""
-    bs = model.config.block_size
+    their block, written into the cache in the same pass, at t = 0. The pass is planned here, before the
+    call (static: with fixed shapes, for a compiled call). Without a cache: the pass over the block's
+    receptive field under the banded mask (n_layers windows back: exact, and affordable for long uncached
+    generation); every row at the same block."""
+    bs, B = model.config.block_size, len(starts)
+    if cache is None:
+        lo = starts[0]
+        start = max(0, lo - model.config.n_layers * (model.config.model_length - bs))
+
+        def uncached(versions, c):
+            head = x[:, None, start:lo].expand(-1, versions.shape[1], -1)
+            h = model.hidden(torch.cat([head, versions], -1).flatten(0, 1), c,
+                             torch.arange(start, lo + bs, device=x.device))
+            return h[:, -bs:].unflatten(0, versions.shape[:2])
+        return uncached
+
+    def plan(m):        # the pass's rows: m versions of each row's block, then the finished blocks
+        rows, at, write = [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)], [False] * (B * m)
+        if finished is not None:
+            rows, at, write = rows + finished[0], at + [starts[r] - bs for r in finished[0]], write + [True] * len(finished[0])
+        mapped = finished is not None or m > 1           # (unmapped, every pass row writes its keys)
+        return cache.plan(at, rows if mapped else None, write if mapped else None, static)
+
+    positions = plan(1)
+    c_clean = None if finished is None else model.cond(None, len(finished[0]))    # clean: t = 0
 
     def cached(versions, c):
-        B, m, _ = versions.shape
-        tokens, rows, starts_ = versions.flatten(0, 1), [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)]
-        write = [False] * (B * m)                       # (with no `rows` every pass row writes)
+        m = versions.shape[1]
+        tokens = versions.flatten(0, 1)
         if finished is not None:
-            done_rows, done_tokens = finished
-            tokens = torch.cat([tokens, done_tokens])
-            rows, starts_, write = rows + done_rows, starts_ + [starts[r] - bs for r in done_rows], write + [True] * len(done_rows)
-            if c is not None:
-                c = torch.cat([c, model.cond(torch.zeros(len(done_rows)), len(done_rows))])
-        mapped = finished is not None or m > 1
-        positions = cache.plan(starts_, rows if mapped else None, write if mapped else None)
-        return model.transformer(tokens, positions, None, c, cache)[:B * m].unflatten(0, (B, m))
+            tokens = torch.cat([tokens, finished[1]])
+            c = None if c is None else torch.cat([c, c_clean])
+        h = model.transformer(tokens, positions if m == 1 else plan(m), None, c, cache)
+        return h[:B * m].unflatten(0, (B, m))
+    return cached
 
-    lo = starts[0]
-    start = max(0, lo - model.config.n_layers * (model.config.model_length - bs))
 
-    def uncached(versions, c):
-        head = x[:, None, start:lo].expand(-1, versions.shape[1], -1)
-        h = model.hidden(torch.cat([head, versions], -1).flatten(0, 1), c, torch.arange(start, lo + bs, device=x.device))
-        return h[:, -bs:].unflatten(0, versions.shape[:2])
-    return uncached if cache is None else cached
+COMPILED_STEP = None
+
+
+def compile_sampler(**options):
+    """Compile denoise_step for the cached calls of rules that do not draft: fullgraph, fixed shapes (one
+    graph per block size and kind of call: a block's first call also carries the finished block), every
+    position projected to the vocabulary. generate uses it from then on. options go to torch.compile:
+    mode='reduce-overhead' captures CUDA graphs. compile_sampler(disable=True) goes back to eager."""
+    global COMPILED_STEP
+    COMPILED_STEP = None if options.pop('disable', False) else \
+        torch.compile(denoise_step, fullgraph=True, dynamic=False, **options)
 
 
 @torch.no_grad()
@@ -1157,7 +1200,7 @@ def nucleus(probs, top_p, rule='standard'):
     mass reaches top_p. 'bd3lms': keep tokens while the cumulative mass stays <= top_p, i.e. drop the token
     that crosses it (bd3lms' rule). Both keep the most likely token. top_p: a number, or a tensor
     broadcastable to probs[..., :1] (one value per row); rows with top_p = 1 are returned unchanged."""
-    if bool((torch.as_tensor(top_p) >= 1.0).all()):
+    if not torch.compiler.is_compiling() and bool((torch.as_tensor(top_p) >= 1.0).all()):
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
     mass, total = sorted_p.cumsum(-1), top_p * sorted_p.sum(-1, keepdim=True)

@@ -114,8 +114,10 @@ class Batch:
             self.x[:, starts[0]:starts[0] + bs] = self.xb
             forward = bd3lm.block_pass(self.model, self.x, starts, None)
         with torch.no_grad():
-            bd3lm.denoise_step(self.model, self.xb, self.masked, self.u_block, self.state, self.sampling, forward,
-                               [row.generator for row in self.rows])
+            generators = [row.generator for row in self.rows]
+            u_token = bd3lm.rand(self.masked.shape, generators, self.device, self.masked.any(-1))
+            bd3lm.denoise_step(self.model, self.xb, self.masked, self.u_block, u_token, self.state, self.sampling,
+                               forward, generators)
         complete = (~self.masked.any(-1)).tolist()
         self.finished, self.done_blocks, left = [], {}, []
         for i, row in enumerate(self.rows):

@@ -35,7 +35,8 @@ stop_entropy = None     # e.g. 4.0: stop when the last 256 tokens' unigram entro
 seed = 1337
 device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'          # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
-compile = False         # torch.compile the transformer pass
+compile = False         # torch.compile each cached model call (bd3lm.compile_sampler), rules that do not draft
+compile_mode = 'default'  # torch.compile's mode: 'reduce-overhead' captures CUDA graphs on a GPU
 kv_cache = True
 temperature = 1.0       # divides the logits (0 = greedy)
 gen_ppl_model = None    # e.g. 'gpt2-large': score the samples' generative perplexity with this causal LM
@@ -56,7 +57,9 @@ _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a 
            ('temperature', _number(temperature) and temperature >= 0, 'a number >= 0'),
            ('gen_ppl_stride', isinstance(gen_ppl_stride, int) and gen_ppl_stride > 0, 'a positive integer'),
            ('retry_degenerate', isinstance(retry_degenerate, bool), 'True or False'),
-           ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'")]
+           ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'"),
+           ('compile_mode', compile_mode in ('default', 'reduce-overhead', 'max-autotune'),
+            "'default', 'reduce-overhead' or 'max-autotune'")]
 for _name, _ok, _what in _checks:
     if not _ok:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
@@ -79,7 +82,7 @@ try:
 except (ValueError, OSError, ImportError) as e:  # the loader's messages name the problem and the fix
     raise SystemExit(f'--init_from={init_from}: {e}') from None
 if compile:
-    model.transformer = torch.compile(model.transformer, dynamic=True)   # the per-block transformer pass
+    bd3lm.compile_sampler(mode=compile_mode)   # the cached call (model pass + rule + write-back), one graph
 enc = get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:

@@ -352,6 +352,15 @@ def sample_speed(runs):
         for rule in rules:
             measure(runs, f'{rule}, batch {batch_size}',
                     lambda: sample_run(model, rule, batch_size, NEW_TOKENS), need_s=5)
+    # The cached call compiled as one graph (bd3lm.compile_sampler), plain and with CUDA graphs.
+    for mode in () if SMOKE else ('default', 'reduce-overhead'):
+        def compiled_run(mode=mode):
+            bd3lm.compile_sampler(mode=mode)
+            try:
+                return sample_run(model, 'first_hitting', 1, NEW_TOKENS)
+            finally:
+                bd3lm.compile_sampler(disable=True)
+        measure(runs, f'first_hitting, batch 1, compiled ({mode})', compiled_run, need_s=COMPILE_NEED_S)
     # The KV cache over a whole context: uncached, every call re-reads every earlier block.
     kv = [measure(runs, f'first_hitting, batch 1, {KV_TOKENS} tokens, {name}',
                   lambda: sample_run(model, 'first_hitting', 1, KV_TOKENS, kv_cache), need_s=15)
