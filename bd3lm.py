@@ -739,7 +739,8 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     if any(hasattr(RULES[name], 'draft') for name, _ in sampling.groups):
         state = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype)
     finished = None                                   # the block the next call writes into the cache
-    compiled = COMPILED_STEP is not None and cache is not None and state is None   # (compile_sampler)
+    compiled = COMPILED_STEP is not None and cache is not None and state is None   # compile_sampler()
+    step = COMPILED_STEP if compiled else denoise_step
     for lo in range(P // bs * bs, x.shape[1], bs):    # Alg. 2: blocks left to right
         xb = x[:, lo:lo + bs]                         # a view: denoise_step fills it in place
         masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
@@ -751,10 +752,8 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
         while masked.any():                           # denoise the block, one model call at a time
             u_token = rand(masked.shape, generator, device, masked.any(-1))  # this call's draws
             forward = block_pass(model, x, [lo] * B, cache, finished, static=compiled)
-            if compiled:
-                ran.append(COMPILED_STEP(model, xb, masked, uniform, u_token, None, sampling, forward))
-            else:
-                ran.append(denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, generator))
+            ran.append(step(model, xb, masked, uniform, u_token, state, sampling, forward,
+                            None if compiled else generator))
             finished = None
         finished = None if cache is None else (list(range(B)), xb)
         end = min(lo + bs, total)
@@ -789,7 +788,8 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # (B, cond_dim) or None
     versions, c_versions, drafts = xb[:, None], c, {}
     if state is not None:                     # verify rows for the drafting rules' rows (speculative.py)
-        versions, c_versions, drafts = verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator)
+        versions, c_versions, drafts = verify_rows(model, xb, masked, uniform, u_token, state, sampling, c,
+                                                   generator)
     h = forward(versions, c_versions)                                               # (B, m, bs, D)
     for i, (rule, order, rows) in enumerate(sampling.rules):
         take = (lambda t: t) if rows is None else (lambda t: t[rows])          # this group's rows
@@ -804,7 +804,8 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
         # The sampler guarantees progress: a row that revealed nothing reveals its first masked position in
         # the order.
         first_in_order = p.priority.masked_fill(~p.masked, -math.inf).argmax(-1, keepdim=True)
-        fallback = ~reveal.any(-1, keepdim=True) & p.masked & (torch.arange(bs, device=xb.device) == first_in_order)
+        at_first = torch.arange(bs, device=xb.device) == first_in_order
+        fallback = ~reveal.any(-1, keepdim=True) & p.masked & at_first
         reveal = reveal | fallback
         tokens = p.tokens_at(reveal) if tokens is None else torch.where(fallback, p.tokens_at(fallback), tokens)
         put = (lambda t, v: t.copy_(v)) if rows is None else (lambda t, v: t.index_put_((rows,), v))
@@ -831,13 +832,14 @@ def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generat
             take = (lambda t: t) if rows is None else (lambda t: t[rows])
             source = Proposal(model, take(state), take(masked), take(uniform), take(u_token), sampling, rows, order,
                               None if c is None else take(c))
-            gen = [generator[r] for r in rows.tolist()] if isinstance(generator, (list, tuple)) and rows is not None \
-                else generator
+            per_row = isinstance(generator, (list, tuple)) and rows is not None
+            gen = [generator[r] for r in rows.tolist()] if per_row else generator
             drafts[i] = rule.draft(source, take(sampling.knob), take(xb), gen)
     m = max([d.versions.shape[1] for d in drafts.values()] + [1])
     versions = xb[:, None].repeat(1, m, 1)
     for i, d in drafts.items():
-        versions[slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2], :d.versions.shape[1]] = d.versions
+        rows = sampling.rules[i][2]
+        versions[slice(None) if rows is None else rows, :d.versions.shape[1]] = d.versions
     t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
     return versions, model.cond(t.flatten(), t.numel()), drafts
 
@@ -1125,9 +1127,11 @@ def block_pass(model, x, starts, cache, finished=None, static=False):
         return uncached
 
     def plan(m):        # the pass's rows: m versions of each row's block, then the finished blocks
-        rows, at, write = [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)], [False] * (B * m)
+        rows, at = [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)]
+        write = [False] * (B * m)
         if finished is not None:
-            rows, at, write = rows + finished[0], at + [starts[r] - bs for r in finished[0]], write + [True] * len(finished[0])
+            done = finished[0]
+            rows, at, write = rows + done, at + [starts[r] - bs for r in done], write + [True] * len(done)
         mapped = finished is not None or m > 1           # (unmapped, every pass row writes its keys)
         return cache.plan(at, rows if mapped else None, write if mapped else None, static)
 
