@@ -690,39 +690,30 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 #
 # Block by block, left to right: a block starts fully masked (after any prompt tokens it holds) and is
 # denoised by repeated model calls; after each call an unmasking rule says which masked positions to reveal,
-# and they take the token proposed for them, never to change again. Every call is one forward pass: the
-# first call of a block also writes the block before it, now finished, into the KV cache (the clean block
-# and the noisy one in the same pass, the clean one at t = 0), and a prompt's complete blocks are written
-# by one pass before the first call. Blocks are aligned at position 0: a prompt whose length is not a
-# multiple of block_size fills the start of its last block. Past model_length tokens every block attends to
-# a sliding window of the last model_length tokens (whole blocks); the uncached path runs the same banded
-# mask, so cached and uncached generation agree.
-#
-# Read in this order: generate (the loop over blocks) -> denoise_step (one model call) -> Proposal (what a
-# call proposes, and the law a token is drawn from) -> the unmasking rules -> the KV cache and its passes
-# -> drawing helpers. The argument checks are at the end of the file.
+# and they take the token proposed for them, never to change again. Every call is one forward pass: a
+# block's first call also writes the finished block before it into the KV cache (both in one pass, the
+# clean one at t = 0), and one pass writes a prompt's complete blocks. Blocks are aligned at position 0.
+# Past model_length tokens every block attends to a sliding window of the last model_length tokens (whole
+# blocks), cached or not. Read top-down: generate (the loop over blocks) -> denoise_step (one model call)
+# -> Proposal (what a call proposes; law, what a token is drawn from) -> the rules -> the KV cache and its
+# passes -> drawing helpers. The argument checks are section 8.
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
              nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False, stop_entropy=None, eos_id=None,
              on_block=None, return_stats=False):
-    """idx: (B, P) prompt ids (P >= 1, usually starting with BOS). Returns (B, P + max(max_new_tokens)).
+    """idx: (B, P) prompt ids (P >= 1, usually BOS first) -> (B, P + max(max_new_tokens)). docs/sampling.md.
 
-    rule: the unmasking rule's name in RULES ('first_hitting', 'steps', 'threshold', 'entropy_bound',
-    'tokens_per_call', 'speculative', or one you register), knob its setting (K, tau, gamma, k, drafts),
-    order the order it ranks positions in ('uniform', 'confidence', 'entropy'; default the rule's own).
-    Each of rule, knob, order, max_new_tokens, temperature and top_p: one value, or one per row (a list or
-    (B,) tensor). temperature divides the logits (0 = greedy); top_p: nucleus sampling (nucleus='bd3lms'
-    drops the token that crosses top_p, as bd3lms does). generator: a torch.Generator, or a list of B (one
-    per row; see rand). stop_at_eos: a row stops after the first EOS it generates. stop_entropy: bd3lms'
-    variable-length rule (the paper uses 4): checked after each block once a row holds more than 256
-    tokens; when the unigram entropy of its last 256 tokens is below this, the row stops and those 256
-    tokens are dropped (never the prompt). Rows stop independently; positions after a row's end hold eos_id
-    (default config.eos_id). on_block(x, end): called after each finished block with the tokens so far.
-    return_stats: also return {'nfe': model calls for the batch, 'row_nfe': (B,) each row's own calls
-    (what it would pay alone), 'rows_x_tokens': (B,) block rows x tokens its calls ran (a speculative call
-    runs 1 + drafts rows), 'forward_passes': nfe plus the one prefill pass of a prompt holding a complete
-    block (the last block's keys are never written: nothing reads them), 'lengths': (B,)}."""
+    rule: an unmasking rule's name in RULES, knob its setting, order the order it ranks positions in
+    ('uniform', 'confidence', 'entropy'; default the rule's own). rule, knob, order, max_new_tokens,
+    temperature (0 = greedy) and top_p (nucleus; nucleus='bd3lms' drops the token that crosses it): one
+    value, or one per row. generator: a torch.Generator, or a list of one per row (see rand).
+    stop_at_eos: a row ends after its first EOS; stop_entropy: bd3lms' rule (the paper uses 4): after a
+    block, a row past 256 tokens whose last 256 have a unigram entropy below it ends without them. Ended
+    rows hold eos_id (default config.eos_id). on_block(x, end): called after each block with the tokens so
+    far. return_stats: also return {'nfe': the batch's model calls, 'row_nfe': (B,) each row's own calls
+    (what it pays alone), 'rows_x_tokens': (B,) block rows x tokens its calls ran (verify rows count),
+    'forward_passes': nfe + 1 for the prefill pass of a prompt with a complete block, 'lengths': (B,)}."""
     sampling, lengths, eos_id = check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p,
                                                nucleus, generator, eos_id)
     cfg, device = model.config, lengths.device

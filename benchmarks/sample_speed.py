@@ -27,7 +27,8 @@ p.add_argument('--new_tokens', type=int, default=1024)
 p.add_argument('--batch_sizes', default='1')
 p.add_argument('--device', default='cpu')
 p.add_argument('--dtype', default='float32')
-p.add_argument('--compile', type=int, default=0)
+p.add_argument('--compile', type=int, default=0, help='1: bd3lm.compile_sampler (the cached call as one graph)')
+p.add_argument('--compile_mode', default='default', help="torch.compile's mode ('reduce-overhead': CUDA graphs)")
 p.add_argument('--skip_uncached', type=int, default=0)
 p.add_argument('--block_sizes', default='4,16')
 p.add_argument('--step_sweep', type=int, default=1)
@@ -40,7 +41,7 @@ def run(block_size, batch_size, kv_cache, steps):
                                cond_dim=128, n_layers=args.n_layers, n_heads=args.n_heads)
     model = bd3lm.BD3LM(config).to(args.device, getattr(torch, args.dtype)).eval()
     if args.compile:
-        model.transformer = torch.compile(model.transformer, dynamic=True)
+        bd3lm.compile_sampler(mode=args.compile_mode)     # the cached call as one graph (rules that do not draft)
     idx = torch.full((batch_size, 1), config.bos_id, device=args.device)
     gen = lambda n: model.generate(idx, n, rule='steps' if steps else 'first_hitting', knob=steps, kv_cache=kv_cache,
                                    return_stats=True,
