@@ -197,8 +197,8 @@ class DDiTBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, head_dim)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            # Write this block's keys into its ring slot and attend to every valid slot: all cached blocks
-            # are clean, earlier and within the window, so no block mask is needed.
+            # The cache writes what it planned (KVCache.plan) and returns the keys this pass attends to, with
+            # a mask where rows see different parts of their ring (None: every key returned is valid).
             k, v, valid = cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid)
         else:
@@ -454,7 +454,7 @@ class BD3LM(nn.Module):
         return self.transformer(x, positions, self.attention_mask('infer', x.shape[1]), c)
 
     def transformer(self, x, positions, mask, c, cache=None):
-        """The transformer body: embedding, rotary, every layer (what sample.py --compile compiles)."""
+        """The transformer body: embedding, rotary, every layer (every pass, cached or not, runs it)."""
         h = self.vocab_embed(x)                                     # (B, T, D)
         rotary = self.rotary_emb(positions)
         attn = self._attention(mask)
@@ -754,7 +754,7 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
         if done.all():
             break
     x = x[:, :total]
-    x[x == mask_id] = eos_id                          # only possible in rows that stopped early
+    x[x == mask_id] = eos_id                          # past each row's own end
     if not return_stats:
         return x
     ran = torch.stack(ran) if ran else torch.zeros(0, B, dtype=torch.long, device=device)
@@ -772,7 +772,7 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     uniform per position (a proposed token's draw); state (B, bs, D) the drafting rules' hidden states and
     generator their random draws (None: no row drafts). forward(versions, c) runs the model on versions
     (B, m, bs) of the blocks -> (B, m, bs, D) (block_pass): m = 1 unless a rule drafts. Returns (B,) the
-    block rows each row ran (0: it drew nothing). Without drafts it is one graph: compile_sampler()."""
+    block rows each row ran (0: it drew nothing). Without drafts it compiles (compile_sampler)."""
     B, bs = xb.shape
     drawing = masked.any(-1)
     # A time-conditioned model is told the masked fraction of its block.
@@ -859,9 +859,10 @@ class Proposal:
       law(where)  (N, V)           the law a token is drawn from at positions `where`: the row's temperature
                                    and top_p applied to p_theta
 
-    The fields are computed on first use, at masked positions only: a rule that reads none of them
-    (first-hitting) projects only the positions it reveals to the vocabulary. A drafting rule also gets
-    p.draft (what its rule.draft returned) and p.version(j, masked), the proposal of verify row j."""
+    The fields are computed on first use, at masked positions only (every position under torch.compile):
+    a rule that reads none of them (first-hitting) projects only the positions it reveals to the vocabulary.
+    A drafting rule also gets p.draft (what its rule.draft returned), p.versions (the verify rows' hidden
+    states (B, m, bs, D) and conditioning) and p.version(j, masked), the proposal of verify row j."""
 
     def __init__(self, model, h, masked, uniform, u_token, sampling, rows, order, c=None):
         self.masked, self.uniform, self.order = masked, uniform, order
@@ -961,7 +962,7 @@ class Proposal:
 #                source is the Proposal of the hidden states the rule kept from its last call (zeros at a
 #                block's start) and d.versions (G, m, bs) the verify rows to run (d.versions[:, 0] is the
 #                block itself), d.n (G,) how many extra rows each row really needs. The rule is then
-#                called with p.draft = d and p.version(j, masked), and returns (reveal, tokens, keep):
+#                called with p.draft = d, p.versions and p.version(j, masked), and returns (reveal, tokens, keep):
 #                the (G, bs) tokens at revealed positions and the (G, bs, D) hidden states to keep.
 # The sampler, not the rule, guarantees progress: a row whose rule reveals nothing reveals its first
 # masked position in the order.
@@ -1027,9 +1028,11 @@ class KVCache:
     """Keys and values of each row's clean blocks, one buffer per layer, preallocated once.
 
     Row r's buffer is a ring of `window` = model_length positions: position i lives at i % window. A block
-    that is being denoised writes its keys where it will live once clean; that place holds the block that
-    is leaving the sliding window, so attention is over the ring and nothing is ever copied. Keys are
-    stored with rotary applied at absolute positions. Rows may sit at different blocks (engine.py).
+    that is being denoised alone writes its keys where it will live once clean; that place holds the block
+    that is leaving the sliding window, so it attends to the ring in place. A pass that also carries a
+    finished block (or verify rows) gives each pass row a copy of its ring instead, so the finished block
+    still sees the oldest block of its window. Keys are stored with rotary applied at absolute positions.
+    Rows may sit at different blocks (engine.py).
 
     Before each pass, plan() says which rows run at which positions; the model then calls update() once
     per layer with the pass's keys and values."""
@@ -1121,12 +1124,12 @@ def block_pass(model, x, starts, cache, finished=None, static=False):
         rows, at = [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)]
         write = [False] * (B * m)
         if finished is not None:
-            done = finished[0]
-            rows, at, write = rows + done, at + [starts[r] - bs for r in done], write + [True] * len(done)
+            writers = finished[0]
+            rows, at, write = rows + writers, at + [starts[r] - bs for r in writers], write + [True] * len(writers)
         mapped = finished is not None or m > 1           # (unmapped, every pass row writes its keys)
         return cache.plan(at, rows if mapped else None, write if mapped else None, static)
 
-    positions = plan(1)
+    positions = plan(1)     # planned now, outside any compiled call (verify rows re-plan in the call)
     c_clean = None if finished is None else model.cond(None, len(finished[0]))    # clean: t = 0
 
     def cached(versions, c):
@@ -1173,17 +1176,18 @@ def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
     for r in range(x.shape[0]):
         if done[r]:
             continue
-        cut = None
+        cut, row_end = None, min(end, int(lengths[r]))          # a row is checked up to its own end
         if stop_at_eos:
-            generated = (x[r, P:end] == eos_id).nonzero()
+            generated = (x[r, P:row_end] == eos_id).nonzero()
             if len(generated):
                 cut = P + int(generated[0]) + 1
-        if stop_entropy is not None and end > 256 and unigram_entropy(x[r, end - 256:end]) < stop_entropy:
-            cut = max(P, end - 256)
+        window = x[r, row_end - 256:row_end]
+        if stop_entropy is not None and row_end > 256 and unigram_entropy(window) < stop_entropy:
+            cut = max(P, row_end - 256)
         if cut is not None:
-            done[r] = True
             lengths[r] = cut
             x[r, cut:] = eos_id
+        done[r] = cut is not None or row_end == lengths[r]    # stopped, or at its length
 
 # --- Drawing tokens ----------------------------------------------------------
 

@@ -48,14 +48,14 @@ class Batch:
     """Rows that run together, one model call per step: with a bd3lm.KVCache (every cached row) or, for one
     uncached row, over its whole text. Row i lives in cache row i."""
 
-    PER_ROW = ('xb', 'masked', 'u_block', 'state')      # tensors with one entry per row, in row order
+    PER_ROW = ('xb', 'masked', 'uniform', 'state')      # tensors with one entry per row, in row order
 
     def __init__(self, model, device, cache=None):
         bs = model.config.block_size
         self.model, self.device, self.cache, self.rows = model, device, cache, []
         self.xb = torch.zeros(0, bs, dtype=torch.long, device=device)     # each row's current block
         self.masked = torch.zeros(0, bs, dtype=torch.bool, device=device)
-        self.u_block = torch.zeros(0, bs, dtype=torch.float64, device=device)
+        self.uniform = torch.zeros(0, bs, dtype=torch.float64, device=device)
         self.state = torch.zeros(0, bs, model.config.hidden_dim, device=device,   # drafting rules' hidden
                                  dtype=model.vocab_embed.embedding.dtype)        # states (speculative.py)
         self.finished = []              # rows whose finished block the next step writes into their cache
@@ -69,7 +69,7 @@ class Batch:
         block[:len(head)] = torch.tensor(head, dtype=torch.long, device=self.device)
         self.xb[i] = block
         self.masked[i] = (block == mask_id) & (torch.arange(row.lo, row.lo + bs, device=self.device) < row.end)
-        self.u_block[i] = bd3lm.rand((1, bs), [row.generator], self.device, self.masked[i:i + 1].any(-1))[0]
+        self.uniform[i] = bd3lm.rand((1, bs), [row.generator], self.device, self.masked[i:i + 1].any(-1))[0]
         self.state[i] = 0
 
     def admit(self, row):
@@ -116,7 +116,7 @@ class Batch:
         with torch.no_grad():
             generators = [row.generator for row in self.rows]
             u_token = bd3lm.rand(self.masked.shape, generators, self.device, self.masked.any(-1))
-            bd3lm.denoise_step(self.model, self.xb, self.masked, self.u_block, u_token, self.state, self.sampling,
+            bd3lm.denoise_step(self.model, self.xb, self.masked, self.uniform, u_token, self.state, self.sampling,
                                forward, generators)
         complete = (~self.masked.any(-1)).tolist()
         self.finished, self.done_blocks, left = [], {}, []

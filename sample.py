@@ -82,7 +82,7 @@ try:
 except (ValueError, OSError, ImportError) as e:  # the loader's messages name the problem and the fix
     raise SystemExit(f'--init_from={init_from}: {e}') from None
 if compile:
-    bd3lm.compile_sampler(mode=compile_mode)   # the cached call (model pass + rule + write-back), one graph
+    bd3lm.compile_sampler(mode=compile_mode)   # the cached call (model pass + rule + write-back) as one graph per kind of call
 enc = get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries
 if start.startswith('FILE:'):
     with open(start[5:], encoding='utf-8') as f:

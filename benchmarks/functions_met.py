@@ -22,7 +22,7 @@ p.add_argument('--prompt', type=int, default=6, help='prompt length (a complete 
 args = p.parse_args()
 
 MODEL = {'LayerNorm', 'Rotary', 'TimestepEmbedder', 'EmbeddingLayer', 'DDiTBlock', 'DDiTFinalLayer', 'BD3LM',
-         'KVCache', 'Versions'}
+         'KVCache', 'Versions'}   # (Versions: an older checkout's cache view)
 LAYERS = {'apply_rotary', 'modulate', '_flex_attention', 'block_causal_mask_mod', 'block_diff_mask_mod'}
 files = {os.path.abspath(bd3lm.__file__)}
 if 'speculative' in sys.modules:

@@ -62,6 +62,7 @@ def bare():
                 h = bd3lm.block_pass(model, None, [b * bs], cache, finished)(x[:, None], c)
                 model.output_layer(h[:, 0, 0], c)
         return
+    # an older checkout's sampler (a separate cache-write pass per block), for old-against-new runs
     cache = bd3lm.KVCache(config.n_layers, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
                           bs, 'cpu', torch.float32)
     for b in range(n_blocks):

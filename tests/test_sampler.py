@@ -389,3 +389,21 @@ def test_low_entropy_in_the_same_block_as_an_eos_cuts_as_bd3lms():
     assert stats['lengths'].item() == 291
     out, stats = model.generate(idx[:, :40], 300, stop_at_eos=True, stop_entropy=6.0, return_stats=True)
     assert stats['lengths'].item() == 41                      # short: only the EOS rule can fire
+
+
+def test_a_short_row_stops_at_its_own_length_beside_a_longer_one():
+    # A row past its own max_new_tokens once stayed 'running': its later entropy checks read the mask tokens
+    # after its end and cut its real tokens. Each row must end as it does alone.
+    torch.manual_seed(0)
+    cfg = bd3lm.BD3LMConfig(block_size=16, vocab_size=1000, model_length=64, hidden_dim=32, cond_dim=16, n_heads=4,
+                            n_layers=2)
+    model = bd3lm.BD3LM(cfg).eval()
+    idx = torch.full((2, 1), cfg.bos_id)
+    kw = dict(rule='tokens_per_call', knob=16, stop_entropy=4.0, stop_at_eos=True, return_stats=True)
+    seeds = lambda: [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    out, stats = model.generate(idx, [300, 600], generator=seeds(), **kw)
+    for r, n in enumerate((300, 600)):
+        alone, alone_stats = model.generate(idx[r:r + 1], n, generator=seeds()[r:r + 1], **kw)
+        assert stats['lengths'][r] == alone_stats['lengths'][0]
+        assert torch.equal(out[r, :alone.shape[1]], alone[0])
+    assert stats['lengths'][0] == 301                   # the short row kept all its tokens

@@ -8,6 +8,7 @@ import torch
 from scipy.stats import chi2
 
 import bd3lm
+import speculative
 from conftest import check_engine_rows_equal_generate_alone, random_model
 
 
@@ -35,7 +36,9 @@ def exact_law(model, order, temperature=1.0, top_p=1.0, bos=3):
     """The law (64,) of the block's three tokens under one-token-per-call sampling, by a dynamic program
     over revealed subsets from the model's own conditionals: 'uniform' reveals a uniformly random masked
     position (a random order drawn once per block), 'entropy' the one of lowest entropy at temperature 1;
-    each token from the tempered, nucleus-filtered conditional."""
+    each token from the tempered, nucleus-filtered conditional. 'confidence': a token is proposed at every
+    masked position from that conditional and the proposal of highest p_theta (temperature 1) is revealed,
+    ties to the lowest position (every combination of proposals enumerated)."""
     M = model.config.mask_id
     states = list(itertools.product(range(M + 1), repeat=3))         # M: still masked
     with torch.no_grad():
@@ -52,15 +55,28 @@ def exact_law(model, order, temperature=1.0, top_p=1.0, bos=3):
         if not masked:
             return {s: 1.0}
         i = index[s]
-        picks = masked if order == 'uniform' else [min(masked, key=lambda j: float(entropy[i, j]))]
         out = {}
-        for j in picks:
-            for t in range(M):
-                w = float(law[i, j, t]) / len(picks)
-                if w > 0:
-                    for final, q in outcomes(s[:j] + (t,) + s[j + 1:]).items():
-                        out[final] = out.get(final, 0.0) + w * q
+        for (j, t), w in reveals(i, masked).items():
+            if w > 0:
+                for final, q in outcomes(s[:j] + (t,) + s[j + 1:]).items():
+                    out[final] = out.get(final, 0.0) + w * q
         return out
+
+    def reveals(i, masked):
+        """{(position, token): probability} of the next reveal in state i."""
+        if order == 'confidence':
+            out = {}
+            for proposed in itertools.product(range(M), repeat=len(masked)):
+                w = 1.0
+                for j, t in zip(masked, proposed):
+                    w *= float(law[i, j, t])
+                conf = [float(p1[i, j, t]) for j, t in zip(masked, proposed)]
+                best = conf.index(max(conf))                         # the first of the highest: ties to the lowest
+                key = (masked[best], proposed[best])
+                out[key] = out.get(key, 0.0) + w
+            return out
+        picks = masked if order == 'uniform' else [min(masked, key=lambda j: float(entropy[i, j]))]
+        return {(j, t): float(law[i, j, t]) / len(picks) for j in picks for t in range(M)}
 
     exact = torch.zeros(M ** 3, dtype=torch.float64)
     for final, q in outcomes((M, M, M)).items():
@@ -81,15 +97,20 @@ def chi_square_p(counts, probs):
     return chi2.sf(stat, int(keep.sum()) - 1)
 
 
+@pytest.mark.parametrize('rule', ['speculative', 'speculative_wide'])
 @pytest.mark.parametrize('k, order, temperature, top_p', [
-    (2, 'uniform', 1.0, 1.0), (3, 'uniform', 0.7, 0.85), (2, 'entropy', 1.0, 1.0), (3, 'entropy', 1.3, 0.9)])
-def test_speculative_draws_the_one_token_per_call_law(k, order, temperature, top_p):
-    # 20,000 blocks drawn speculatively against the exact law of their order (first-hitting's, or
-    # lowest-entropy-first: entropy_bound with gamma = 0). Redrawing a rejected draft from p instead of
-    # the residual (p - q)+, or keeping a draft at a position the entropy order did not pick, fails it.
+    (2, 'uniform', 1.0, 1.0), (3, 'uniform', 0.7, 0.85), (2, 'entropy', 1.0, 1.0), (3, 'entropy', 1.3, 0.9),
+    (2, 'confidence', 1.0, 1.0), (3, 'confidence', 0.8, 0.9)])
+def test_speculative_draws_the_one_token_per_call_law(rule, k, order, temperature, top_p):
+    # 20,000 blocks drawn speculatively against the exact law of their order (first-hitting's,
+    # lowest-entropy-first: entropy_bound with gamma = 0, or most-confident-first: tokens_per_call with
+    # knob 1), with one candidate per reveal or several (speculative_wide). Redrawing a rejected draft
+    # from p instead of the residual (p - q)+, testing a second candidate against p instead of the
+    # residual, keeping a draft at a position the entropy order did not pick, or breaking the confidence
+    # order's ties towards the higher position, fails it.
     model = dependent_model()
     n, M = 20_000, model.config.mask_id
-    out, stats = model.generate(torch.full((n, 1), 3), 3, rule='speculative', knob=k, order=order,
+    out, stats = model.generate(torch.full((n, 1), 3), 3, rule=rule, knob=k, order=order,
                                 temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(1),
                                 return_stats=True)
     exact = exact_law(model, order, temperature, top_p)
@@ -97,6 +118,29 @@ def test_speculative_draws_the_one_token_per_call_law(k, order, temperature, top
     assert stats['row_nfe'].double().mean() < 3         # it did draw several tokens per call
     other = exact_law(model, 'entropy' if order == 'uniform' else 'uniform', temperature, top_p)
     assert (exact - other).abs().sum() > 0.05           # the two laws differ: the test tells them apart
+
+
+def test_confidence_order_law_is_tokens_per_call_one():
+    # The same law drawn by bd3lm's own one-token-per-call sampler (tokens_per_call, knob 1).
+    model = dependent_model()
+    n, M = 20_000, model.config.mask_id
+    out = model.generate(torch.full((n, 1), 3), 3, rule='tokens_per_call', knob=1, order='confidence',
+                         temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    assert chi_square_p(counts_of(out, M), exact_law(model, 'confidence', 0.8, 0.9)) > 0.01
+
+
+def test_pick_law_has_the_ties_to_the_lowest_position():
+    # Two masked positions with the same confidences: position 0 wins every tie, so it is picked with
+    # P(conf_1 <= conf_0); the third position is unmasked and takes no part.
+    probs = torch.tensor([[[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]], dtype=torch.float64)
+    law = torch.tensor([[[0.3, 0.7, 0.0], [0.6, 0.4, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    masked = torch.tensor([[True, True, False]])
+    P = speculative.pick_law(probs, law, masked).view(3, 3)
+    torch.testing.assert_close(P, torch.tensor([[0.3, 0.7, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float64))
+    probs[0, 1] = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)   # position 1's token 0 now beats 0.5
+    P = speculative.pick_law(probs, law, masked).view(3, 3)
+    torch.testing.assert_close(P, torch.tensor([[0.3 * 0.4, 0.7 * 0.4, 0], [0.6, 0, 0], [0, 0, 0]],
+                                               dtype=torch.float64))
 
 
 def test_entropy_order_law_is_entropy_bound_zero():
@@ -144,20 +188,21 @@ def test_calls_fall_with_k_on_a_confident_model():
         assert int(stats['rows_x_tokens'][0]) == 16 * new, k
 
 
-@pytest.mark.parametrize('order', ['uniform', 'entropy'])
-def test_cached_equals_uncached_past_model_length(order):
+@pytest.mark.parametrize('rule, order', [('speculative', 'uniform'), ('speculative', 'entropy'),
+                                         ('speculative_wide', 'entropy'), ('speculative_wide', 'confidence')])
+def test_cached_equals_uncached_past_model_length(rule, order):
     model = random_model(block_size=4, model_length=16)
     idx = torch.randint(0, 36, (2, 6), generator=torch.Generator().manual_seed(0))
-    outs = [model.generate(idx, 40, rule='speculative', knob=3, order=order, temperature=0.8, top_p=0.9,
+    outs = [model.generate(idx, 40, rule=rule, knob=3, order=order, temperature=0.8, top_p=0.9,
                            kv_cache=kv, generator=torch.Generator().manual_seed(7)) for kv in (True, False)]
     assert torch.equal(outs[0], outs[1])
     assert not (outs[0] == model.config.mask_id).any()
 
 
-SETTINGS = [dict(rule='speculative', knob=3, temperature=0.8, top_p=0.9),
+SETTINGS = [dict(rule='speculative_wide', knob=3, temperature=0.8, top_p=0.9),
             dict(rule='speculative', knob=1, order='entropy', temperature=1.0, top_p=1.0),
             dict(rule='first_hitting', temperature=0.7, top_p=1.0),
-            dict(rule='speculative', knob=6, temperature=1.2, top_p=0.8)]
+            dict(rule='speculative_wide', knob=6, order='confidence', temperature=1.2, top_p=0.8)]
 
 
 def test_a_row_alone_equals_the_row_in_a_batch():
@@ -184,9 +229,15 @@ def test_engine_rows_equal_generate_alone():
     check_engine_rows_equal_generate_alone(model, prompts, lengths, SETTINGS, joining_late=2, steps_before=3)
 
 
-def test_speculative_takes_no_confidence_order():
-    with pytest.raises(ValueError, match='order must be one of'):
-        bd3lm.Sampling(1, 'cpu', 'speculative', 2, 'confidence')
+def test_wide_drafts_more_rows_for_fewer_calls():
+    # Two candidates per reveal: more verify rows per call, fewer calls than one candidate (the same k).
+    model = dependent_model()
+    idx = torch.full((4000, 1), 3)
+    runs = [model.generate(idx, 3, rule=rule, knob=2, generator=torch.Generator().manual_seed(0),
+                           return_stats=True)[1] for rule in ('speculative', 'speculative_wide')]
+    assert runs[1]['row_nfe'].double().mean() < runs[0]['row_nfe'].double().mean()
+    rows_per_call = [float(r['rows_x_tokens'].sum()) / float(r['row_nfe'].sum()) for r in runs]
+    assert rows_per_call[1] > rows_per_call[0]
 
 
 def test_a_huge_knob_drafts_the_whole_block():
