@@ -896,11 +896,12 @@ class Proposal:
         return out
 
     def version(self, j, masked):
-        """The proposal of verify row j of a drafting rule's call: the same rows, order and draws, still
-        masked where `masked`."""
+        """The proposal of verify row j (an int, or (B,) one per row) of a drafting rule's call: the same
+        rows, order and draws, still masked where `masked`."""
         h, c = self.versions
-        return Proposal(self.model, h[:, j], masked, self.uniform, self.u_token, self._sampling, self._rows,
-                        self.order, None if c is None else c[:, j])
+        j = (slice(None), j) if isinstance(j, int) else (torch.arange(h.shape[0], device=h.device), j)
+        return Proposal(self.model, h[j], masked, self.uniform, self.u_token, self._sampling, self._rows,
+                        self.order, None if c is None else c[j])
 
     def _logits(self, where):
         c = None if self._c is None else self._c[where[0]]

@@ -1,25 +1,35 @@
 """
 Lossless speculative decoding for BD3-LM: several tokens per model call, each one still drawn from the law
-of a one-token-per-call sampler. Registered as bd3lm.RULES['speculative'] (bd3lm.py imports this file).
+of a one-token-per-call sampler. Registered as bd3lm.RULES['speculative'] (one candidate per reveal) and
+bd3lm.RULES['speculative_wide'] (WIDE_CANDIDATES per reveal); bd3lm.py imports this file.
 
-First-hitting's law (positions in a uniformly random order drawn once per block, each token from p_theta
-given what is revealed so far) costs one call per token, but the calls can be checked ahead: speculative
-sampling (Leviathan et al. 2023; for any-order models ASSD, Guo & Ermon 2025). In their names:
+The one-token-per-call laws, by order:
+  'uniform'     first-hitting's: positions in a uniformly random order drawn once per block
+  'entropy'     lowest-entropy-first (entropy_bound with gamma = 0)
+  'confidence'  tokens_per_call with knob 1: a token is proposed at every masked position from the row's
+                law and the one of highest p_theta (temperature 1) is revealed, ties to the lowest position
+Each call of such a sampler reveals one (position, token) pair from a law the call's row fixes, so the
+calls can be checked ahead: speculative sampling (Leviathan et al. 2023; for any-order models ASSD, Guo &
+Ermon 2025). In their names:
 
-  draft q     the law a draft token is drawn from: the proposal of the hidden states this rule kept from
-              its previous call (stale, which is allowed: any q keeps the law exact)
-  target p    p_theta(. | verify row j) at the position the order picks, at the row's temperature and top_p
-  accept      draft j is kept with probability min(1, p/q) at its token
-  residual    the first rejected draft is replaced by a draw from (p - q)+ (normalised), which makes the
-              kept-or-redrawn token exactly p-distributed
+  draft q     the law a draft is drawn from: the proposal of the hidden states this rule kept from its
+              previous call (stale, which is allowed: any q keeps the law exact)
+  target p    the law of the next reveal given verify row v: over the tokens at the position the order
+              picks ('uniform', 'entropy'), or over (position, token) pairs ('confidence', pick_law)
+  accept      a draft is kept with probability min(1, p/q) at its outcome
+  residual    after a rejection the target becomes (p - q)+ (normalised): the next candidate is tested
+              against it, and the last residual is drawn from when every candidate is rejected
 
-A round drafts the next n <= k positions in the order and runs, in one call, the n + 1 verify rows
-v_j = the block with the first j drafts written in. They are separate rows because attention inside a
-block is bidirectional: the law of the j-th position given drafts 0..j-1 needs a pass in which exactly
-those drafts are present, so one pass over the drafted block cannot check every prefix of the drafts the
-way one causal pass of an AR model does. When all n drafts are kept, v_n gives one more token: 1..n + 1
-tokens per call. With order='entropy' the law is lowest-entropy-first (entropy_bound with gamma = 0):
-a round also stops where the position that v_j's entropies pick is not the drafted one.
+A round drafts a tree. Its spine is the next n <= k reveals (in the order, or drawn pair by pair for
+'confidence'); at each depth C candidates are drawn without replacement from q (C = 1: a chain), the
+first of them continuing the spine. Every node is a verify row: the block with its path's drafts
+written in. Rows are separate because attention inside a block is bidirectional: the law of a reveal
+given drafts 0..j-1 needs a pass in which exactly those drafts are present. The walk tests a node's
+candidates one by one (recursive rejection sampling: exact for any sequence of draft laws, Jeon et al.
+2024), moves to the accepted one, and ends at the first node whose candidates are all rejected (or that
+has none: a leaf, which gives one more token from its own row): 1..n + 1 tokens per call, for 1 + C n
+rows. With 'entropy' a candidate is also out where the position its row's entropies pick is not the
+drafted one.
 """
 import math
 from dataclasses import dataclass
@@ -28,79 +38,170 @@ import torch
 
 import bd3lm
 
+WIDE_CANDIDATES = 2     # candidates per reveal of RULES['speculative_wide']
+MIN_MASS = 1e-9         # a candidate is drafted only where q has this much mass left (else a wasted row)
+
 
 @dataclass
 class Draft:
-    """A round's drafts for G rows (column j < n of each field is draft j)."""
-    versions: torch.Tensor   # (G, m, bs) verify rows: v_j = the block with drafts 0..j-1 written in
-    n: torch.Tensor          # (G,) drafts per row; m = max(n) + 1
-    positions: torch.Tensor  # (G, m) the drafted positions, in the order
-    tokens: torch.Tensor     # (G, m) the drafted tokens
-    q: torch.Tensor          # (G, m, V) the law each draft was drawn from
-    u_accept: torch.Tensor   # (G, bs) the uniforms of the accept tests
+    """A round's draft tree for G rows. Node 0 is the block itself; node 1 + d C + i is candidate i of
+    the reveal at depth d, written into spine(d) (spine(0) = 0, spine(d) = 1 + (d - 1) C)."""
+    versions: torch.Tensor   # (G, m, bs) each node's verify row; m = 1 + C * (the deepest spine)
+    n: torch.Tensor          # (G,) verify rows each row needs beyond the block (its present nodes - 1)
+    present: torch.Tensor    # (G, m) bool: the node was drafted (else a padding copy of its parent)
+    positions: torch.Tensor  # (G, m) the position each node writes
+    tokens: torch.Tensor     # (G, m) the token it writes there
+    q: torch.Tensor          # (G, m, W) the law its outcome was drawn from: over tokens (W = V) or pairs
+    u_accept: torch.Tensor   # (G, m) the uniforms of the accept tests
+    candidates: int          # C
 
 
-def draft(source, k, xb, generator):
-    """Before the call: draft up to k (G,) positions per row from `source`, the proposal of the verify row
-    the row's previous round ended in (all zeros at a block's start: nothing to draft from yet). At least
-    one masked position is left for the last verify row to draw."""
+def spine(depth, candidates):
+    """The node the reveal at `depth` is drafted from."""
+    return 0 if depth == 0 else 1 + (depth - 1) * candidates
+
+
+def pick_law(probs, law, masked):
+    """The law (N, bs V) of the pair (position, token) that order='confidence' reveals: a token a_k is
+    proposed at every masked position k from `law` (N, bs, V) and the one of highest confidence
+    probs_k(a_k) (probs: p_theta at temperature 1) wins, ties to the lowest position. So
+        P(i, a) = law_i(a) prod_{k < i} P(conf_k < probs_i(a)) prod_{k > i} P(conf_k <= probs_i(a)),
+    each conf_k's law being `law_k` carried over to the values probs_k. Unmasked positions take no part."""
+    N, bs, V = probs.shape
+    values, order = probs.sort(-1)                                   # each position's confidences, ascending
+    mass = torch.cat([torch.zeros_like(law[..., :1]), law.gather(-1, order).cumsum(-1)], -1)   # (N, bs, V + 1)
+    c = probs.reshape(N, 1, bs * V).expand(N, bs, bs * V).contiguous()   # every pair's confidence, per rival k
+    below = mass.gather(-1, torch.searchsorted(values, c, right=False))    # P(conf_k < c)
+    at_or_below = mass.gather(-1, torch.searchsorted(values, c, right=True))
+    k = torch.arange(bs, device=probs.device)[:, None]
+    i = torch.arange(bs, device=probs.device).repeat_interleave(V)[None]
+    beats = torch.where(k < i, below, at_or_below)                   # (N, bs_k, bs V): pair (i, a) beats k
+    beats = torch.where((k == i) | ~masked[:, :, None], 1.0, beats)
+    return (law * masked[..., None]).reshape(N, bs * V) * beats.prod(1)
+
+
+def full_law(p, rows):
+    """(probs, law) (N, bs, V) at every masked position of `rows`, zeros elsewhere."""
+    probs = p.probs[rows]
+    where = p.masked[rows].nonzero(as_tuple=True)
+    law = torch.zeros_like(probs)
+    law[where] = p.law((rows[where[0]], where[1]))
+    return probs, law
+
+
+def draft(source, k, xb, generator, candidates=1):
+    """Before the call: draft the tree of up to k (G,) reveals per row from `source`, the proposal of the
+    node the row's previous round ended in (all zeros at a block's start: nothing to draft from yet). At
+    least one masked position is left for the deepest rows to draw."""
     G, bs = source.masked.shape
-    device = xb.device
+    device, C = xb.device, candidates
     has_source = source.hidden.flatten(1).any(-1)
-    n = torch.minimum(k.clamp(max=bs).long(), source.masked.sum(-1) - 1).clamp(min=0) * has_source
-    m = int(n.max()) + 1
+    depth = torch.minimum(k.clamp(max=bs).long(), source.masked.sum(-1) - 1).clamp(min=0) * has_source
+    deepest, pairs, V = int(depth.max()), source.order == 'confidence', source.model.config.vocab_size
+    m = 1 + C * deepest
     zeros = torch.zeros(G, m, dtype=torch.long, device=device)
-    if m == 1:                          # no row drafts: the block alone
-        return Draft(xb[:, None], n, zeros, zeros, torch.zeros(G, m, 0, dtype=torch.float64, device=device),
-                     torch.zeros(G, bs, dtype=torch.float64, device=device))
-    u_draft, u_accept = bd3lm.rand((G, 2, bs), generator, device, n > 0).unbind(1)
-    source.masked = source.masked & (n > 0)[:, None]          # the source's own order picks the positions
-    positions = source.priority.masked_fill(~source.masked, -math.inf).argsort(-1, descending=True)[:, :m]
-    r, j = (torch.arange(m, device=device) < n[:, None]).nonzero(as_tuple=True)
-    q = torch.zeros(G, m, source.model.config.vocab_size, dtype=torch.float64, device=device)
-    q[r, j] = source.law((r, positions[r, j]))
-    tokens = zeros.clone()
-    tokens[r, j] = bd3lm.sample_categorical(q[r, j], u_draft[r, positions[r, j]])
-    versions = xb[:, None].repeat(1, m, 1)
-    for i in range(1, m):
-        versions[:, i] = versions[:, i - 1]
-        r = (n >= i).nonzero().flatten()
-        versions[r, i, positions[r, i - 1]] = tokens[r, i - 1]
-    return Draft(versions, n, positions, tokens, q, u_accept)
+    present = torch.zeros(G, m, dtype=torch.bool, device=device)
+    present[:, 0] = True
+    if deepest == 0:                    # no row drafts: the block alone
+        return Draft(xb[:, None], depth, present, zeros, zeros, torch.zeros(G, m, 0, dtype=torch.float64,
+                     device=device), torch.zeros(G, m, dtype=torch.float64, device=device), C)
+    # Uniforms indexed by (depth, candidate), never by m: a row draws the same whatever its batch mates do.
+    u_draft, u_accept = bd3lm.rand((G, 2, bs * C), generator, device, depth > 0).unbind(1)
+    source.masked = source.masked & (depth > 0)[:, None]
+    q = torch.zeros(G, m, bs * V if pairs else V, dtype=torch.float64, device=device)
+    positions, tokens, versions = zeros.clone(), zeros.clone(), xb[:, None].repeat(1, m, 1)
+    if pairs:
+        probs, law = full_law(source, torch.arange(G, device=device))
+        still = source.masked.clone()     # masked once the spine's drafts so far are written
+    else:                               # the source's own order picks the positions
+        ranked = source.priority.masked_fill(~source.masked, -math.inf).argsort(-1, descending=True)
+    for d in range(deepest):
+        r = (depth > d).nonzero().flatten()
+        if pairs:
+            remaining = pick_law(probs[r], law[r], still[r])
+        else:
+            remaining = source.law((r, ranked[r, d]))
+        for i in range(C):
+            node = 1 + d * C + i
+            mass = remaining.sum(-1)
+            ok = mass > MIN_MASS if i > 0 else torch.ones_like(mass, dtype=torch.bool)
+            q[r, node] = remaining / mass.clamp(min=1e-300)[:, None]
+            outcome = bd3lm.sample_categorical(q[r, node], u_draft[r, d * C + i])
+            remaining = remaining.scatter(-1, outcome[:, None], 0.0)            # without replacement
+            present[r, node] = ok
+            positions[r, node] = outcome // V if pairs else ranked[r, d]
+            tokens[r, node] = outcome % V if pairs else outcome
+            versions[r, node] = versions[r, spine(d, C)]
+            versions[r, node, positions[r, node]] = tokens[r, node]
+        if pairs:
+            still[r, positions[r, spine(d + 1, C)]] = False
+    return Draft(versions, present.sum(-1) - 1, present, positions, tokens, q, u_accept[:, :m - 1], C)
+
+
+def target_law(here, r, pairs):
+    """The law (N, W) of the next reveal of rows r given their verify rows, and the position the order
+    picks (N,) (None with pairs: the position is part of the outcome)."""
+    if pairs:
+        return pick_law(*full_law(here, r), here.masked[r]), None
+    pick = bd3lm.first(here.priority, here.masked, 1).double().argmax(-1)[r]
+    return here.law((r, pick)), pick
 
 
 def speculative(p, k):
-    """After the call: walk the verify rows, accepting or redrawing one token per row; returns (reveal,
-    tokens, the hidden states of the verify row each round ended in: the next round's draft source)."""
+    """After the call: walk the draft tree from its root, one reveal per node; returns (reveal, tokens, the
+    hidden states of the node each round ended in: the next round's draft source)."""
     d = getattr(p, 'draft', None)
     if d is None:                       # called without drafts (a caller that runs no verify rows)
         return bd3lm.first(p.priority, p.masked, 1)
     G, bs = p.masked.shape
-    rows = torch.arange(G, device=p.masked.device)
+    device, C, pairs = p.masked.device, d.candidates, p.order == 'confidence'
+    V = p.model.config.vocab_size
     masked, alive = p.masked.clone(), p.masked.any(-1)
-    tokens = torch.zeros(G, bs, dtype=torch.long, device=rows.device)
-    ends = torch.zeros(G, dtype=torch.long, device=rows.device)   # the verify row each row's round ends in
-    m = d.versions.shape[1]
-    for j in range(m):
-        pj = p if j == 0 else p.version(j, masked & alive[:, None])
-        at = bd3lm.first(pj.priority, masked & alive[:, None], 1).double().argmax(-1)   # (G,) the order's pick
+    tokens = torch.zeros(G, bs, dtype=torch.long, device=device)
+    node = torch.zeros(G, dtype=torch.long, device=device)     # the node each row stands at
+    ends = node.clone()                                          # the node each row's round ends in
+    deepest = (d.versions.shape[1] - 1) // C
+    for depth in range(deepest + 1):
         r = alive.nonzero().flatten()
-        target = pj.law((r, at[r]))                                                  # (N, V) p at the pick
-        drafted = (j < d.n[r]) & (at[r] == d.positions[r, j])
-        if j < m - 1:                   # (the last verify row has no draft to check: n <= m - 1)
-            token, q = d.tokens[r, j], d.q[r, j]                                     # (N,), (N, V)
-            p_d, q_d = target.gather(-1, token[:, None])[:, 0], q.gather(-1, token[:, None])[:, 0]
-            keep = drafted & (d.u_accept[r, at[r]] * q_d < p_d)                       # probability min(1, p/q)
-            residual = torch.where(drafted[:, None], (target - q).clamp(min=0), target)
-        else:
-            token, keep, residual = at[r], drafted, target
-        tokens[r, at[r]] = torch.where(keep, token, bd3lm.sample_categorical(residual, p.u_token[r, at[r]]))
-        masked[r, at[r]] = False
-        ends[r] = j
-        alive[r] = keep
-    return p.masked & ~masked, tokens, p.versions[0][rows, ends]
+        here = p if depth == 0 else p.version(node, masked & alive[:, None])
+        residual, pick = target_law(here, r, pairs)
+        accepted = torch.zeros(len(r), dtype=torch.bool, device=device)
+        to = node[r].clone()
+        on_spine = node[r] == spine(depth, C)         # a row that moved to a leaf has no candidates left
+        for i in range(C if depth < deepest else 0):
+            child = 1 + depth * C + i
+            valid = on_spine & d.present[r, child] & ~accepted
+            if not pairs:               # a candidate at another position than the order's pick is out
+                valid = valid & (d.positions[r, child] == pick)
+            q = d.q[r, child]
+            outcome = d.tokens[r, child] + (d.positions[r, child] * V if pairs else 0)
+            p_x, q_x = residual.gather(-1, outcome[:, None])[:, 0], q.gather(-1, outcome[:, None])[:, 0]
+            keep = valid & (d.u_accept[r, child - 1] * q_x < p_x)            # probability min(1, p/q)
+            rejected = valid & ~keep
+            left = (residual - q).clamp(min=0)
+            left = left / left.sum(-1, keepdim=True).clamp(min=1e-300)
+            residual = torch.where(rejected[:, None], left, residual)
+            accepted, to = accepted | keep, torch.where(keep, child, to)
+        u = p.u_token[r, 0] if pairs else p.u_token[r, pick]
+        drawn = bd3lm.sample_categorical(residual, u)
+        position = torch.where(accepted, d.positions[r, to], drawn // V if pairs else pick)
+        tokens[r, position] = torch.where(accepted, d.tokens[r, to], drawn % V if pairs else drawn)
+        masked[r, position] = False
+        ends[r] = node[r]
+        node[r] = to
+        alive[r] = accepted
+    return p.masked & ~masked, tokens, p.versions[0][torch.arange(G, device=device), ends]
 
 
-speculative.knob, speculative.order, speculative.orders = (0, math.inf), 'uniform', ('uniform', 'entropy')
-speculative.draft = draft
-bd3lm.RULES['speculative'] = speculative
+def speculative_rule(candidates):
+    """The rule drafting `candidates` per reveal (the walk reads C from its draft)."""
+    def rule(p, k):
+        return speculative(p, k)
+    rule.draft = lambda source, k, xb, generator: draft(source, k, xb, generator, candidates)
+    rule.knob, rule.order, rule.orders = (0, math.inf), 'uniform', ('uniform', 'entropy', 'confidence')
+    rule.__doc__ = f'speculative decoding, {candidates} candidate(s) per reveal: knob = the reveals drafted per call'
+    return rule
+
+
+bd3lm.RULES['speculative'] = speculative_rule(1)
+bd3lm.RULES['speculative_wide'] = speculative_rule(WIDE_CANDIDATES)

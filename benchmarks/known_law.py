@@ -57,6 +57,7 @@ temperature = 1.0
 top_p = 1.0
 smooth = 1e-3               # uniform mass mixed into the law: impossible transitions score finitely
 out_json = ''
+only = ''                   # run only the RULES whose names contain this ('' = all)
 # -----------------------------------------------------------------------------
 
 # Every setting drawn and scored: (name, rule, knob, order); order None is the rule's own default.
@@ -75,6 +76,13 @@ RULES = [
     ('speculative k=4', 'speculative', 4, None),
     ('speculative k=16', 'speculative', 16, None),
     ('speculative k=16, entropy', 'speculative', 16, 'entropy'),
+    ('tokens_per_call=1, conf', 'tokens_per_call', 1, 'confidence'),
+    ('speculative k=16, conf', 'speculative', 16, 'confidence'),
+    # two candidates per reveal (speculative.WIDE_CANDIDATES): more verify rows, fewer calls
+    ('spec_wide k=4', 'speculative_wide', 4, None),
+    ('spec_wide k=16', 'speculative_wide', 16, None),
+    ('spec_wide k=16, entropy', 'speculative_wide', 16, 'entropy'),
+    ('spec_wide k=16, conf', 'speculative_wide', 16, 'confidence'),
 ]
 SPECIALS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']   # BERT's, ids 0-4; the words follow
 
@@ -265,6 +273,8 @@ def main():
     available = bd3lm.RULES
     results = []
     for name, rule, knob, order in RULES:
+        if only not in name:
+            continue
         if rule not in available:
             print(f'{name:<28} skipped: bd3lm has no rule {rule!r}')
             continue
