@@ -20,7 +20,6 @@ per-row batching that serve.py runs).
 
 import math
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -625,7 +624,6 @@ def subs_log_probs(logits, mask_id):
     return logits.log_softmax(dim=-1)
 
 
-
 def _flex_attention(q, k, v, block_mask):
     from torch.nn.attention.flex_attention import flex_attention
     global _compiled_flex
@@ -777,10 +775,10 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     drawing = masked.any(-1)
     # A time-conditioned model is told the masked fraction of its block.
     c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # (B, cond_dim) or None
-    versions, c_versions, drafts = xb[:, None], c, {}
+    versions, c_versions, drafts, n_rows = xb[:, None], c, {}, 1
     if state is not None:                     # verify rows for the drafting rules' rows (speculative.py)
-        versions, c_versions, drafts = verify_rows(model, xb, masked, uniform, u_token, state, sampling, c,
-                                                   generator)
+        versions, c_versions, drafts, n_rows = verify_rows(model, xb, masked, uniform, u_token, state, sampling,
+                                                           c, generator)
     h = forward(versions, c_versions)                                               # (B, m, bs, D)
     for i, (rule, order, rows) in enumerate(sampling.rules):
         take = (lambda t: t) if rows is None else (lambda t: t[rows])          # this group's rows
@@ -804,18 +802,13 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
         put(masked, take(masked) & ~reveal)
         if keep is not None:
             put(state, keep.to(state.dtype))
-    if not drafts:
-        return drawing.long()
-    n_versions = torch.ones(B, dtype=torch.long, device=xb.device)
-    for i, d in drafts.items():
-        n_versions[slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2]] = 1 + d.n
-    return drawing.long() * n_versions
+    return drawing.long() * n_rows
 
 
 def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator):
     """What a call runs for drafting rules (rule.draft): each drafting row's verify rows, the other rows'
     block alone (padded with copies of it). Returns versions (B, m, bs), their conditioning (B * m,
-    cond_dim) or None, and {group index: the group's draft}."""
+    cond_dim) or None, {group index: the group's draft} and (B,) the rows each row really runs."""
     B, bs = xb.shape
     drafts = {}
     for i, (rule, order, rows) in enumerate(sampling.rules):
@@ -828,11 +821,13 @@ def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generat
             drafts[i] = rule.draft(source, take(sampling.knob), take(xb), gen)
     m = max([d.versions.shape[1] for d in drafts.values()] + [1])
     versions = xb[:, None].repeat(1, m, 1)
+    n_rows = torch.ones(B, dtype=torch.long, device=xb.device)
     for i, d in drafts.items():
-        rows = sampling.rules[i][2]
-        versions[slice(None) if rows is None else rows, :d.versions.shape[1]] = d.versions
+        rows = slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2]
+        versions[rows, :d.versions.shape[1]] = d.versions
+        n_rows[rows] = 1 + d.n
     t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
-    return versions, model.cond(t.flatten(), t.numel()), drafts
+    return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows
 
 
 def lazy(fn):

@@ -58,7 +58,7 @@ class Batch:
         self.uniform = torch.zeros(0, bs, dtype=torch.float64, device=device)
         self.state = torch.zeros(0, bs, model.config.hidden_dim, device=device,   # drafting rules' hidden
                                  dtype=model.vocab_embed.embedding.dtype)        # states (speculative.py)
-        self.finished = []              # rows whose finished block the next step writes into their cache
+        self.finished = {}              # row -> its finished block (bs,), which the next step writes into its cache
         self.sampling, self.x = None, None                                # uncached: the row's whole text
 
     def start_block(self, i, row):
@@ -106,9 +106,7 @@ class Batch:
         bs = self.model.config.block_size
         starts = [row.lo for row in self.rows]
         if self.cache is not None:
-            finished = None
-            if self.finished:
-                finished = (self.finished, torch.stack([self.done_blocks[i] for i in self.finished]))
+            finished = (list(self.finished), torch.stack(list(self.finished.values()))) if self.finished else None
             forward = bd3lm.block_pass(self.model, None, starts, self.cache, finished)
         else:                                       # one row, the pass over its text
             self.x[:, starts[0]:starts[0] + bs] = self.xb
@@ -119,7 +117,7 @@ class Batch:
             bd3lm.denoise_step(self.model, self.xb, self.masked, self.uniform, u_token, self.state, self.sampling,
                                forward, generators)
         complete = (~self.masked.any(-1)).tolist()
-        self.finished, self.done_blocks, left = [], {}, []
+        self.finished, left = {}, []
         for i, row in enumerate(self.rows):
             if complete[i]:
                 if row.block_done(self.xb[i, max(len(row.prompt) - row.lo, 0):min(row.end - row.lo, bs)].tolist()):
@@ -128,8 +126,7 @@ class Batch:
                 if self.cache is None:
                     self.x[:, row.lo:row.lo + bs] = self.xb[i]
                 else:                               # the next call writes it into the cache
-                    self.finished.append(i)
-                    self.done_blocks[i] = self.xb[i].clone()
+                    self.finished[i] = self.xb[i].clone()
                 row.lo += bs
                 self.start_block(i, row)
             if row.cancelled:
@@ -150,8 +147,7 @@ class Batch:
         for name in self.PER_ROW:
             setattr(self, name, getattr(self, name)[idx])
         moved = {old: new for new, old in enumerate(keep)}
-        self.finished = [moved[i] for i in self.finished if i in moved]
-        self.done_blocks = {moved[i]: b for i, b in self.done_blocks.items() if i in moved}
+        self.finished = {moved[i]: block for i, block in self.finished.items() if i in moved}
         self.sampling = self.settings(self.rows)
 
 
