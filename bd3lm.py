@@ -391,6 +391,7 @@ class BD3LM(nn.Module):
         self.register_buffer('sampling_eps_max', torch.tensor(1.0))
         self.attn_backend = 'sdpa'  # or 'flex': FlexAttention, same numbers; see use_flex_attention()
         self._masks, self._constant_c = {}, (None, {})
+        self._cond_weights = list(self.sigma_map.parameters()) if c.adaln else []   # what cond's constant depends on
         self.vocab = None  # WordPiece models: the token strings in id order (saved as vocab.txt)
 
     def use_flex_attention(self, enabled=True):
@@ -421,15 +422,14 @@ class BD3LM(nn.Module):
         is a learned constant: the model is called at sigma = 0."""
         if not self.config.adaln:
             return None
-        device = self.vocab_embed.embedding.device
+        device = self.sampling_eps_min.device
         if t is not None and self.config.time_conditioning:
             return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
         # Without gradients (sampling asks for it every call) the constant is computed once per batch size
         # and version of the weights: an optimizer step, load_state_dict or .to() makes it anew.
-        mlp = self.sigma_map.mlp
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._cond_weights)
         if self._constant_c[0] != key:
             self._constant_c = key, {}
         if batch_size not in self._constant_c[1]:
@@ -735,11 +735,11 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
         masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
         if not masked.any():                          # every row has ended
             break
-        uniform = rand(masked.shape, generator, device, masked.any(-1))      # the block's random order
+        uniform = rand(masked.shape, generator, device, masked)     # the block's random order
         if state is not None:
             state.zero_()
         while masked.any():                           # denoise the block, one model call at a time
-            u_token = rand(masked.shape, generator, device, masked.any(-1))  # this call's draws
+            u_token = rand(masked.shape, generator, device, masked)  # this call's draws
             forward = block_pass(model, x, [lo] * B, cache, finished, static=compiled)
             ran.append(step(model, xb, masked, uniform, u_token, state, sampling, forward,
                             None if compiled else generator))
@@ -755,7 +755,7 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     x[x == mask_id] = eos_id                          # past each row's own end
     if not return_stats:
         return x
-    ran = torch.stack(ran) if ran else torch.zeros(0, B, dtype=torch.long, device=device)
+    ran = torch.stack(ran).long() if ran else torch.zeros(0, B, dtype=torch.long, device=device)
     return x, {'nfe': len(ran), 'forward_passes': len(ran) + (cache is not None and P >= bs),
                'row_nfe': (ran > 0).sum(0), 'rows_x_tokens': ran.sum(0) * bs, 'lengths': lengths}
 
@@ -770,7 +770,8 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     uniform per position (a proposed token's draw); state (B, bs, D) the drafting rules' hidden states and
     generator their random draws (None: no row drafts). forward(versions, c) runs the model on versions
     (B, m, bs) of the blocks -> (B, m, bs, D) (block_pass): m = 1 unless a rule drafts. Returns (B,) the
-    block rows each row ran (0: it drew nothing). Without drafts it compiles (compile_sampler)."""
+    block rows each row ran (0: it drew nothing; a bool when no row drafts). Without drafts it compiles
+    (compile_sampler)."""
     B, bs = xb.shape
     drawing = masked.any(-1)
     # A time-conditioned model is told the masked fraction of its block.
@@ -789,20 +790,18 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
             p.versions = take(h), None if c_versions is None else take(c_versions.view(B, -1, c.shape[-1]))
         out = rule(p, take(sampling.knob))
         reveal, tokens, keep = out if isinstance(out, tuple) else (out, None, None)
-        reveal = reveal & p.masked
         # The sampler guarantees progress: a row that revealed nothing reveals its first masked position in
         # the order.
-        first_in_order = p.priority.masked_fill(~p.masked, -math.inf).argmax(-1, keepdim=True)
-        at_first = torch.arange(bs, device=xb.device) == first_in_order
-        fallback = ~reveal.any(-1, keepdim=True) & p.masked & at_first
-        reveal = reveal | fallback
-        tokens = p.tokens_at(reveal) if tokens is None else torch.where(fallback, p.tokens_at(fallback), tokens)
+        fallback = p.leading & ~reveal.any(-1, keepdim=True)
+        reveal = (reveal & p.masked) | fallback
+        # The revealed positions take tokens drawn from p.law (where a rule drew its own, only the fallback).
+        new = take(xb) if tokens is None else torch.where(reveal, tokens, take(xb))
         put = (lambda t, v: t.copy_(v)) if rows is None else (lambda t, v: t.index_put_((rows,), v))
-        put(xb, torch.where(reveal, tokens, take(xb)))
-        put(masked, take(masked) & ~reveal)
+        put(xb, p.fill(reveal if tokens is None else fallback, new))
+        put(masked, take(masked) ^ reveal)                                   # reveal lies in masked
         if keep is not None:
             put(state, keep.to(state.dtype))
-    return drawing.long() * n_rows
+    return drawing * n_rows if drafts else drawing
 
 
 def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator):
@@ -851,6 +850,7 @@ class Proposal:
                                    have a low confidence (it is the model's own belief in the drawn token)
       entropy     (B, bs)          entropy of p_theta there
       priority    (B, bs)          the call's order as a score, higher first
+      leading     (B, bs) bool     the first masked position in that order (none in a row without one)
       law(where)  (N, V)           the law a token is drawn from at positions `where`: the row's temperature
                                    and top_p applied to p_theta
 
@@ -880,15 +880,14 @@ class Proposal:
             probs = torch.where(s.greedy[rows][:, None], one_hot, probs)
         return nucleus(probs, s.top_p[rows][:, None], s.nucleus) if s.any_nucleus else probs
 
-    def tokens_at(self, reveal):
-        """The proposed tokens (B, bs), valid where `reveal`: each position's token is drawn from law() with
-        its own uniform, so projecting only the revealed positions gives the same tokens as projecting all."""
+    def fill(self, reveal, xb):
+        """A copy of the tokens xb (B, bs) with the proposed tokens written where `reveal`: each position's
+        token is drawn from law() with its own uniform, so projecting only the revealed positions gives the
+        same tokens as projecting all."""
         if '_at_masked' in self.__dict__ or torch.compiler.is_compiling():
-            return self._full(self._at_masked[2], 0)
+            return torch.where(reveal, self._full(self._at_masked[2], 0), xb)
         where = reveal.nonzero(as_tuple=True)
-        out = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
-        out[where] = sample_categorical(self.law(where), self.u_token[where])
-        return out
+        return xb.index_put(where, sample_categorical(self.law(where), self.u_token[where]))
 
     def version(self, j, masked):
         """The proposal of verify row j (an int, or (B,) one per row) of a drafting rule's call: the same
@@ -901,7 +900,7 @@ class Proposal:
     def _logits(self, where):
         c = None if self._c is None else self._c[where[0]]
         logits = self.model.output_layer(self.hidden[where], c).double()
-        logits[:, self.model.config.mask_id] = -math.inf
+        logits.select(-1, self.model.config.mask_id).fill_(-math.inf)
         return logits
 
     @lazy
@@ -944,6 +943,11 @@ class Proposal:
         return {'uniform': lambda: self.uniform, 'confidence': lambda: self.confidence,
                 'entropy': lambda: -self.entropy}[self.order]()
 
+    @lazy
+    def leading(self):
+        first_in_order = torch.where(self.masked, self.priority, -math.inf).argmax(-1, keepdim=True)
+        return self.masked & torch.zeros_like(self.masked).scatter_(-1, first_in_order, True)
+
 # --- Unmasking rules ------------------------------------------------------------
 #
 # The rule contract. A rule is a function rule(p, knob) -> reveal: p is the call's Proposal (above), knob
@@ -967,10 +971,10 @@ ORDERS = ('uniform', 'confidence', 'entropy')
 
 
 def first_hitting(p, knob):
-    # One masked position per call, uniformly at random (Zheng et al. 2024): p.uniform is a random order of
-    # the block drawn once per block. The exact sampler of the model's own law; NFE = tokens.
-    j = p.uniform.masked_fill(~p.masked, -1).argmax(-1, keepdim=True)
-    return p.masked & torch.zeros_like(p.masked).scatter_(-1, j, True)
+    # One masked position per call, uniformly at random (Zheng et al. 2024): the first in the uniform order
+    # (p.uniform, a random order of the block drawn once per block). The exact sampler of the model's own
+    # law; NFE = tokens.
+    return p.leading
 
 
 def steps(p, K):
@@ -1009,7 +1013,7 @@ def first(priority, masked, n):
     return masked & (rank < n.view(-1, 1))
 
 
-first_hitting.knob, first_hitting.order = None, 'uniform'   # never stuck: the order is only nominal
+first_hitting.knob, first_hitting.order, first_hitting.orders = None, 'uniform', ('uniform',)
 steps.knob, steps.order = (1, math.inf), 'uniform'
 threshold.knob = (0.0, 1.0)
 entropy_bound.knob, entropy_bound.order = (0.0, math.inf), 'entropy'
@@ -1050,11 +1054,10 @@ class KVCache:
         call needs."""
         bs, device = self.block_size, self.k.device
         n_keys = self.window if static else min(max(starts) + bs, self.window)     # no slot past it is written yet
-        base = torch.arange(bs, device=device)
         if rows is None and len(set(starts)) == 1 and not static:   # every row at the same block: slices
             self._plan = 'shared', starts[0] % self.window, n_keys
-            return starts[0] + base
-        positions = torch.tensor(starts, device=device)[:, None] + base               # (P, bs)
+            return torch.arange(starts[0], starts[0] + bs, device=device)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(bs, device=device)   # (P, bs)
         slots = positions % self.window
         mask = None                                                 # rows whose ring is not full yet see less
         if min(starts) + bs < n_keys or static:
@@ -1209,11 +1212,12 @@ def nucleus(probs, top_p, rule='standard'):
 def rand(shape, generator, device, rows=None):
     """U[0, 1) float64 draws of `shape` = (B, ...). generator: one torch.Generator for the batch, or a list
     of B, one per row, so that a row's draws never depend on which other rows share the batch (a server
-    batches requests that each carry a seed). With a list only `rows` (B,) bool draw; the others get
-    zeros and their generators do not advance."""
+    batches requests that each carry a seed). With a list only the rows that are True somewhere in `rows`
+    (B, ...) bool draw; the others get zeros and their generators do not advance."""
     if not isinstance(generator, (list, tuple)):
         return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
     out = torch.zeros(shape, device=device, dtype=torch.float64)
+    rows = None if rows is None else rows.reshape(shape[0], -1).any(-1)
     for r in (range(shape[0]) if rows is None else rows.nonzero().flatten().tolist()):
         out[r] = torch.rand(shape[1:], generator=generator[r], device=device, dtype=torch.float64)
     return out
@@ -1222,7 +1226,7 @@ def rand(shape, generator, device, rows=None):
 def sample_categorical(probs, u):
     """Inverse-CDF draws from probs (..., V) with uniforms u (...): reproducible on any device."""
     cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u[..., None] * cdf[..., -1:]).clamp(max=probs.shape[-1] - 1).squeeze(-1)
+    return (cdf < u[..., None] * cdf[..., -1:]).sum(-1)      # the first token whose cdf reaches u * total
 
 
 def unigram_entropy(tokens):

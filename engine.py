@@ -69,7 +69,7 @@ class Batch:
         block[:len(head)] = torch.tensor(head, dtype=torch.long, device=self.device)
         self.xb[i] = block
         self.masked[i] = (block == mask_id) & (torch.arange(row.lo, row.lo + bs, device=self.device) < row.end)
-        self.uniform[i] = bd3lm.rand((1, bs), [row.generator], self.device, self.masked[i:i + 1].any(-1))[0]
+        self.uniform[i] = bd3lm.rand((1, bs), [row.generator], self.device, self.masked[i:i + 1])[0]
         self.state[i] = 0
 
     def admit(self, row):
@@ -113,7 +113,7 @@ class Batch:
             forward = bd3lm.block_pass(self.model, self.x, starts, None)
         with torch.no_grad():
             generators = [row.generator for row in self.rows]
-            u_token = bd3lm.rand(self.masked.shape, generators, self.device, self.masked.any(-1))
+            u_token = bd3lm.rand(self.masked.shape, generators, self.device, self.masked)
             bd3lm.denoise_step(self.model, self.xb, self.masked, self.uniform, u_token, self.state, self.sampling,
                                forward, generators)
         complete = (~self.masked.any(-1)).tolist()
