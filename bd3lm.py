@@ -706,8 +706,7 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     ('uniform', 'confidence', 'entropy'; default the rule's own). rule, knob, order, max_new_tokens,
     temperature (0 = greedy) and top_p (nucleus; nucleus='bd3lms' drops the token that crosses it): one
     value, or one per row. generator: a torch.Generator, or a list of one per row (see rand).
-    stop_at_eos: a row ends after its first EOS; stop_entropy: bd3lms' rule (the paper uses 4): after a
-    block, a row past 256 tokens whose last 256 have a unigram entropy below it ends without them. Ended
+    stop_at_eos, stop_entropy: where a row ends early (apply_stops; the paper uses stop_entropy=4); ended
     rows hold eos_id (default config.eos_id). on_block(x, end): called after each block with the tokens so
     far. return_stats: also return {'nfe': the batch's model calls, 'row_nfe': (B,) each row's own calls
     (what it pays alone), 'rows_x_tokens': (B,) block rows x tokens its calls ran (verify rows count),
@@ -774,12 +773,11 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     (compile_sampler)."""
     B, bs = xb.shape
     drawing = masked.any(-1)
-    # A time-conditioned model is told the masked fraction of its block.
-    c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # (B, cond_dim) or None
+    c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # t: the masked fraction
     versions, c_versions, drafts, n_rows = xb[:, None], c, {}, 1
     if state is not None:                     # verify rows for the drafting rules' rows (speculative.py)
-        versions, c_versions, drafts, n_rows = verify_rows(model, xb, masked, uniform, u_token, state, sampling,
-                                                           c, generator)
+        versions, c_versions, drafts, n_rows = speculative.verify_rows(model, xb, masked, uniform, u_token, state,
+                                                                       sampling, c, generator)
     h = forward(versions, c_versions)                                               # (B, m, bs, D)
     for i, (rule, order, rows) in enumerate(sampling.rules):
         take = (lambda t: t) if rows is None else (lambda t: t[rows])          # this group's rows
@@ -790,9 +788,7 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
             p.versions = take(h), None if c_versions is None else take(c_versions.view(B, -1, c.shape[-1]))
         out = rule(p, take(sampling.knob))
         reveal, tokens, keep = out if isinstance(out, tuple) else (out, None, None)
-        # The sampler guarantees progress: a row that revealed nothing reveals its first masked position in
-        # the order.
-        fallback = p.leading & ~reveal.any(-1, keepdim=True)
+        fallback = p.leading & ~reveal.any(-1, keepdim=True)     # progress: a row that revealed nothing
         reveal = (reveal & p.masked) | fallback
         # The revealed positions take tokens drawn from p.law (where a rule drew its own, only the fallback).
         new = take(xb) if tokens is None else torch.where(reveal, tokens, take(xb))
@@ -802,31 +798,6 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
         if keep is not None:
             put(state, keep.to(state.dtype))
     return drawing * n_rows if drafts else drawing
-
-
-def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator):
-    """What a call runs for drafting rules (rule.draft): each drafting row's verify rows, the other rows'
-    block alone (padded with copies of it). Returns versions (B, m, bs), their conditioning (B * m,
-    cond_dim) or None, {group index: the group's draft} and (B,) the rows each row really runs."""
-    B, bs = xb.shape
-    drafts = {}
-    for i, (rule, order, rows) in enumerate(sampling.rules):
-        if hasattr(rule, 'draft'):
-            take = (lambda t: t) if rows is None else (lambda t: t[rows])
-            source = Proposal(model, take(state), take(masked), take(uniform), take(u_token), sampling, rows, order,
-                              None if c is None else take(c))
-            per_row = isinstance(generator, (list, tuple)) and rows is not None
-            gen = [generator[r] for r in rows.tolist()] if per_row else generator
-            drafts[i] = rule.draft(source, take(sampling.knob), take(xb), gen)
-    m = max([d.versions.shape[1] for d in drafts.values()] + [1])
-    versions = xb[:, None].repeat(1, m, 1)
-    n_rows = torch.ones(B, dtype=torch.long, device=xb.device)
-    for i, d in drafts.items():
-        rows = slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2]
-        versions[rows, :d.versions.shape[1]] = d.versions
-        n_rows[rows] = 1 + d.n
-    t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
-    return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows
 
 
 def lazy(fn):
@@ -856,8 +827,8 @@ class Proposal:
 
     The fields are computed on first use, at masked positions only (every position under torch.compile):
     a rule that reads none of them (first-hitting) projects only the positions it reveals to the vocabulary.
-    A drafting rule also gets p.draft (what its rule.draft returned), p.versions (the verify rows' hidden
-    states (B, m, bs, D) and conditioning) and p.version(j, masked), the proposal of verify row j."""
+    A drafting rule also gets p.draft (what its rule.draft returned) and p.versions (the verify rows' hidden
+    states (B, m, bs, D) and conditioning)."""
 
     def __init__(self, model, h, masked, uniform, u_token, sampling, rows, order, c=None):
         self.masked, self.uniform, self.order = masked, uniform, order
@@ -889,14 +860,6 @@ class Proposal:
         where = reveal.nonzero(as_tuple=True)
         return xb.index_put(where, sample_categorical(self.law(where), self.u_token[where]))
 
-    def version(self, j, masked):
-        """The proposal of verify row j (an int, or (B,) one per row) of a drafting rule's call: the same
-        rows, order and draws, still masked where `masked`."""
-        h, c = self.versions
-        j = (slice(None), j) if isinstance(j, int) else (torch.arange(h.shape[0], device=h.device), j)
-        return Proposal(self.model, h[j], masked, self.uniform, self.u_token, self._sampling, self._rows,
-                        self.order, None if c is None else c[j])
-
     def _logits(self, where):
         c = None if self._c is None else self._c[where[0]]
         logits = self.model.output_layer(self.hidden[where], c).double()
@@ -917,16 +880,13 @@ class Proposal:
         return where, logits.log_softmax(-1), sample_categorical(self.law(where, logits), self.u_token[where])
 
     def _full(self, values, fill=0.0):
-        out = torch.full(self.masked.shape, fill, dtype=values.dtype, device=values.device)
+        out = torch.full(self.masked.shape + values.shape[1:], fill, dtype=values.dtype, device=values.device)
         out[self._at_masked[0]] = values
         return out
 
     @lazy
     def probs(self):
-        where, log_p, _ = self._at_masked
-        out = torch.zeros(self.masked.shape + log_p.shape[-1:], dtype=log_p.dtype, device=log_p.device)
-        out[where] = log_p.exp()
-        return out
+        return self._full(self._at_masked[1].exp())
 
     @lazy
     def confidence(self):
@@ -957,13 +917,8 @@ class Proposal:
 #   rule.knob    the knob's (low, high) range: an int low means an integer knob; None: the rule takes none
 #   rule.order   the order it ranks positions in (p.priority) and falls back to; default 'confidence'
 #   rule.orders  the orders it accepts (default ORDERS)
-#   rule.draft   a rule that checks several versions of the block in one call (speculative.py):
-#                rule.draft(source, knob, xb, generator) -> d, called before the model call, where
-#                source is the Proposal of the hidden states the rule kept from its last call (zeros at a
-#                block's start) and d.versions (G, m, bs) the verify rows to run (d.versions[:, 0] is the
-#                block itself), d.n (G,) how many extra rows each row really needs. The rule is then
-#                called with p.draft = d, p.versions and p.version(j, masked), and returns (reveal, tokens, keep):
-#                the (G, bs) tokens at revealed positions and the (G, bs, D) hidden states to keep.
+#   rule.draft   a rule that checks several versions of the block in one call: the interface is in
+#                speculative.py (verify_rows) and docs/sampling.md, "How a drafting rule plugs in"
 # The sampler, not the rule, guarantees progress: a row whose rule reveals nothing reveals its first
 # masked position in the order.
 
@@ -1170,18 +1125,14 @@ def prefill(model, cache, x, row=0):
 
 
 def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
-    """After a block: rows that generated an EOS (stop_at_eos) or whose last 256 tokens are degenerate
-    (unigram entropy below stop_entropy; the window is dropped, and this cut wins over an EOS) stop."""
-    for r in range(x.shape[0]):
-        if done[r]:
-            continue
-        cut, row_end = None, min(end, int(lengths[r]))          # a row is checked up to its own end
-        if stop_at_eos:
-            generated = (x[r, P:row_end] == eos_id).nonzero()
-            if len(generated):
-                cut = P + int(generated[0]) + 1
-        window = x[r, row_end - 256:row_end]
-        if stop_entropy is not None and row_end > 256 and unigram_entropy(window) < stop_entropy:
+    """After a block, up to `end`: with stop_at_eos a row ends after its first EOS; with stop_entropy
+    (bd3lms' rule) a row past 256 tokens whose last 256 have a unigram entropy below it ends without them
+    (this cut wins over an EOS). An ended row's `done` is set, its length cut, its tail set to eos_id."""
+    for r in (~done).nonzero().flatten().tolist():
+        row_end = min(end, int(lengths[r]))                     # a row is checked up to its own end
+        eos = (x[r, P:row_end] == eos_id).nonzero() if stop_at_eos else []
+        cut = P + int(eos[0]) + 1 if len(eos) else None
+        if stop_entropy is not None and row_end > 256 and unigram_entropy(x[r, row_end - 256:row_end]) < stop_entropy:
             cut = max(P, row_end - 256)
         if cut is not None:
             lengths[r] = cut

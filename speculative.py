@@ -163,7 +163,7 @@ def speculative(p, k):
     deepest = (d.versions.shape[1] - 1) // C
     for depth in range(deepest + 1):
         r = alive.nonzero().flatten()
-        here = p if depth == 0 else p.version(node, masked & alive[:, None])
+        here = p if depth == 0 else version(p, node, masked & alive[:, None])
         residual, pick = target_law(here, r, pairs)
         accepted = torch.zeros(len(r), dtype=torch.bool, device=device)
         to = node[r].clone()
@@ -191,6 +191,42 @@ def speculative(p, k):
         node[r] = to
         alive[r] = accepted
     return p.masked & ~masked, tokens, p.versions[0][torch.arange(G, device=device), ends]
+
+
+# --- The sampler's side: what bd3lm.denoise_step runs for a drafting rule (any rule with rule.draft) ---------
+
+def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator):
+    """Before the model call: each drafting row's verify rows (rule.draft of its group), the other rows'
+    block alone, padded with copies of it. Returns versions (B, m, bs), their conditioning (B * m, cond_dim)
+    or None, {group index: the group's draft} and (B,) the rows each row really runs."""
+    B, bs = xb.shape
+    drafts = {}
+    for i, (rule, order, rows) in enumerate(sampling.rules):
+        if hasattr(rule, 'draft'):
+            take = (lambda t: t) if rows is None else (lambda t: t[rows])
+            source = bd3lm.Proposal(model, take(state), take(masked), take(uniform), take(u_token), sampling, rows,
+                                    order, None if c is None else take(c))
+            per_row = isinstance(generator, (list, tuple)) and rows is not None
+            gen = [generator[r] for r in rows.tolist()] if per_row else generator
+            drafts[i] = rule.draft(source, take(sampling.knob), take(xb), gen)
+    m = max([d.versions.shape[1] for d in drafts.values()] + [1])
+    versions = xb[:, None].repeat(1, m, 1)
+    n_rows = torch.ones(B, dtype=torch.long, device=xb.device)
+    for i, d in drafts.items():
+        rows = slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2]
+        versions[rows, :d.versions.shape[1]] = d.versions
+        n_rows[rows] = 1 + d.n
+    t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
+    return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows
+
+
+def version(p, j, masked):
+    """After the call: the Proposal of verify row j (an int, or (G,) one per row) of p's call (p.versions):
+    the same rows, order and draws, still masked where `masked`."""
+    h, c = p.versions
+    j = (slice(None), j) if isinstance(j, int) else (torch.arange(h.shape[0], device=h.device), j)
+    return bd3lm.Proposal(p.model, h[j], masked, p.uniform, p.u_token, p._sampling, p._rows, p.order,
+                          None if c is None else c[j])
 
 
 def speculative_rule(candidates):
