@@ -19,6 +19,7 @@ p = argparse.ArgumentParser()
 p.add_argument('--tokens', type=int, default=512)
 p.add_argument('--block_size', type=int, default=16)
 p.add_argument('--repeats', type=int, default=3)
+p.add_argument('--profile', type=int, default=0, help='1: also the operators per call by the function that runs them')
 args = p.parse_args()
 
 torch.manual_seed(0)
@@ -86,11 +87,29 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 class Count(TorchDispatchMode):
-    n = 0
+    n, where = 0, None            # where: {call path: operators}, when profiling
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         Count.n += 1
+        if Count.where is not None:
+            Count.where[call_path()] = Count.where.get(call_path(), 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def call_path(depth=4):
+    # The sampler's functions on the stack below generate, outermost first (bd3lm.py and speculative.py;
+    # the model's layers count as 'transformer' or 'output layer'): e.g. 'denoise_step > fill > law'.
+    names, frame = [], sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != 'generate':
+        if os.path.basename(frame.f_code.co_filename) in ('bd3lm.py', 'speculative.py'):
+            names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    names = names[::-1]
+    model_at = [i for i, n in enumerate(names) if n in ('transformer', 'forward')]
+    if model_at:                # the model's own work: its transformer, or the output layer alone
+        return ' > '.join(names[:model_at[0]][:depth] + ['transformer' if names[model_at[0]] == 'transformer'
+                                                         else 'output layer'])
+    return ' > '.join(names[:depth]) or 'generate'
 
 
 def ops(fn):
@@ -104,3 +123,11 @@ with torch.no_grad():
     sampler_ops, bare_ops = ops(lambda: model.generate(idx, args.tokens)), ops(bare)
 print(f'torch operators per call: sampler {sampler_ops / calls:.1f}, bare {bare_ops / calls:.1f}, '
       f'the sampler\'s own {(sampler_ops - bare_ops) / calls:.1f}')
+
+if args.profile:
+    Count.where = {}
+    with torch.no_grad():
+        ops(lambda: model.generate(idx, args.tokens))
+    print('operators per call by where they run:')
+    for path, n in sorted(Count.where.items(), key=lambda kv: -kv[1]):
+        print(f'  {n / calls:7.2f}  {path}')
