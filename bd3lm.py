@@ -14,8 +14,9 @@ Read top to bottom:
   5. model          BD3LM: the training pass over cat([xt, x0]) (length 2L), the inference pass, the NELBO
   6. search         the clipped ("data-driven") schedule: the interval that minimises the NELBO's variance
   7. sampler        Alg. 2: block by block with an exact KV cache; unmasking rules registered in RULES
-Beside it: checkpoints.py (file formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), engine.py (the
-per-row batching that serve.py runs).
+  8. checks         every sampler setting checked once, before anything runs
+Beside it: speculative.py (lossless speculative decoding, the rules that draft), checkpoints.py (file
+formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), engine.py (the per-row batching that serve.py runs).
 """
 
 import math
@@ -723,14 +724,13 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     cache = KVCache(model, B, device) if kv_cache else None
     if cache is not None and P >= bs:                 # the prompt's complete blocks, in one pass
         prefill(model, cache, x[:, :P // bs * bs])
-    state = None                                      # a drafting rule's hidden states, kept between calls
-    if any(hasattr(RULES[name], 'draft') for name, _ in sampling.groups):
-        state = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype)
+    state = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype) \
+        if sampling.drafting else None                # drafting rules only: their hidden states between calls
     finished = None                                   # the block the next call writes into the cache
     compiled = COMPILED_STEP is not None and cache is not None and state is None   # compile_sampler()
     step = COMPILED_STEP if compiled else denoise_step
     for lo in range(P // bs * bs, x.shape[1], bs):    # Alg. 2: blocks left to right
-        xb = x[:, lo:lo + bs]                         # a view: denoise_step fills it in place
+        xb = x[:, lo:lo + bs]                         # a view: denoise_step updates it and masked in place
         masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
         if not masked.any():                          # every row has ended
             break
@@ -741,7 +741,7 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
             u_token = rand(masked.shape, generator, device, masked)  # this call's draws
             forward = block_pass(model, x, [lo] * B, cache, finished, static=compiled)
             ran.append(step(model, xb, masked, uniform, u_token, state, sampling, forward,
-                            None if compiled else generator))
+                            None if compiled else generator))   # (the generator: drafting rules only)
             finished = None
         finished = None if cache is None else (list(range(B)), xb)
         end = min(lo + bs, total)
@@ -767,15 +767,15 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     choose which masked positions to reveal, write the proposed tokens there. xb (B, bs) tokens and masked
     (B, bs) are updated in place; uniform (B, bs) is the block's random order, u_token (B, bs) this call's
     uniform per position (a proposed token's draw); state (B, bs, D) the drafting rules' hidden states and
-    generator their random draws (None: no row drafts). forward(versions, c) runs the model on versions
-    (B, m, bs) of the blocks -> (B, m, bs, D) (block_pass): m = 1 unless a rule drafts. Returns (B,) the
-    block rows each row ran (0: it drew nothing; a bool when no row drafts). Without drafts it compiles
-    (compile_sampler)."""
+    generator their random draws (None: no row drafts); sampling the rows' settings, grouped by rule and
+    order (Sampling.rules). forward(versions, c) runs the model on versions (B, m, bs) of the blocks ->
+    (B, m, bs, D) (block_pass): m = 1 unless a rule drafts. Returns (B,) the block rows each row ran (0: it
+    drew nothing; a bool when no row drafts). Without drafts it compiles (compile_sampler)."""
     B, bs = xb.shape
     drawing = masked.any(-1)
     c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # t: the masked fraction
     versions, c_versions, drafts, n_rows = xb[:, None], c, {}, 1
-    if state is not None:                     # verify rows for the drafting rules' rows (speculative.py)
+    if state is not None:                     # drafting rules only: their verify rows (speculative.py, imported last)
         versions, c_versions, drafts, n_rows = speculative.verify_rows(model, xb, masked, uniform, u_token, state,
                                                                        sampling, c, generator)
     h = forward(versions, c_versions)                                               # (B, m, bs, D)
@@ -783,13 +783,14 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
         take = (lambda t: t) if rows is None else (lambda t: t[rows])          # this group's rows
         p = Proposal(model, take(h[:, 0]), take(masked), take(uniform), take(u_token), sampling, rows, order,
                      None if c is None else take(c))
-        if i in drafts:
+        if i in drafts:                                                   # drafting rules only
             p.draft = drafts[i]
             p.versions = take(h), None if c_versions is None else take(c_versions.view(B, -1, c.shape[-1]))
         out = rule(p, take(sampling.knob))
         reveal, tokens, keep = out if isinstance(out, tuple) else (out, None, None)
+        reveal = reveal & p.masked                               # a rule may name any positions
         fallback = p.leading & ~reveal.any(-1, keepdim=True)     # progress: a row that revealed nothing
-        reveal = (reveal & p.masked) | fallback
+        reveal = reveal | fallback
         # The revealed positions take tokens drawn from p.law (where a rule drew its own, only the fallback).
         new = take(xb) if tokens is None else torch.where(reveal, tokens, take(xb))
         put = (lambda t, v: t.copy_(v)) if rows is None else (lambda t, v: t.index_put_((rows,), v))
@@ -827,21 +828,21 @@ class Proposal:
 
     The fields are computed on first use, at masked positions only (every position under torch.compile):
     a rule that reads none of them (first-hitting) projects only the positions it reveals to the vocabulary.
-    A drafting rule also gets p.draft (what its rule.draft returned) and p.versions (the verify rows' hidden
-    states (B, m, bs, D) and conditioning)."""
+    Built from the hidden states (B, bs, D), u_token (each position's token uniform), c (the conditioning),
+    the Sampling and its rows of the batch (None: all). A drafting rule also gets p.draft (what its
+    rule.draft returned) and p.versions (the verify rows' hidden states (B, m, bs, D) and conditioning)."""
 
-    def __init__(self, model, h, masked, uniform, u_token, sampling, rows, order, c=None):
-        self.masked, self.uniform, self.order = masked, uniform, order
-        self.model, self.hidden, self.u_token = model, h, u_token      # the hidden states (B, bs, D) it reads
-        self._c, self._sampling, self._rows = c, sampling, rows          # and each position's token uniform
+    def __init__(self, model, hidden, masked, uniform, u_token, sampling, rows, order, c=None):
+        self.model, self.hidden, self.masked, self.uniform, self.u_token = model, hidden, masked, uniform, u_token
+        self.sampling, self.rows, self.order, self.c = sampling, rows, order, c
 
     def law(self, where, logits=None):
         """The law (N, V) a token is drawn from at `where`: p_theta (mask token excluded, SUBS) at the row's
         temperature (0 = all mass on the most likely token) and top_p, float64. (logits: p_theta's logits
         there, when already projected.)"""
         logits = self._logits(where) if logits is None else logits
-        s = self._sampling
-        rows = where[0] if self._rows is None else self._rows[where[0]]
+        s = self.sampling
+        rows = where[0] if self.rows is None else self.rows[where[0]]
         if s.any_scaled:
             temperature = s.temperature[rows]
             logits = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
@@ -861,7 +862,7 @@ class Proposal:
         return xb.index_put(where, sample_categorical(self.law(where), self.u_token[where]))
 
     def _logits(self, where):
-        c = None if self._c is None else self._c[where[0]]
+        c = None if self.c is None else self.c[where[0]]
         logits = self.model.output_layer(self.hidden[where], c).double()
         logits.select(-1, self.model.config.mask_id).fill_(-math.inf)
         return logits
@@ -918,7 +919,7 @@ class Proposal:
 #   rule.order   the order it ranks positions in (p.priority) and falls back to; default 'confidence'
 #   rule.orders  the orders it accepts (default ORDERS)
 #   rule.draft   a rule that checks several versions of the block in one call: the interface is in
-#                speculative.py (verify_rows) and docs/sampling.md, "How a drafting rule plugs in"
+#                docs/sampling.md ("How a drafting rule plugs in"); speculative.py holds both sides of it
 # The sampler, not the rule, guarantees progress: a row whose rule reveals nothing reveals its first
 # masked position in the order.
 
@@ -926,9 +927,8 @@ ORDERS = ('uniform', 'confidence', 'entropy')
 
 
 def first_hitting(p, knob):
-    # One masked position per call, uniformly at random (Zheng et al. 2024): the first in the uniform order
-    # (p.uniform, a random order of the block drawn once per block). The exact sampler of the model's own
-    # law; NFE = tokens.
+    # One masked position per call, uniformly at random (Zheng et al. 2024): the first in the block's random
+    # order (p.uniform, drawn once per block). The exact sampler of the model's own law, one call per token.
     return p.leading
 
 
@@ -1127,7 +1127,7 @@ def prefill(model, cache, x, row=0):
 def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
     """After a block, up to `end`: with stop_at_eos a row ends after its first EOS; with stop_entropy
     (bd3lms' rule) a row past 256 tokens whose last 256 have a unigram entropy below it ends without them
-    (this cut wins over an EOS). An ended row's `done` is set, its length cut, its tail set to eos_id."""
+    (this cut wins over an EOS): its length is cut, its tail set to eos_id. done: ended, or at its length."""
     for r in (~done).nonzero().flatten().tolist():
         row_end = min(end, int(lengths[r]))                     # a row is checked up to its own end
         eos = (x[r, P:row_end] == eos_id).nonzero() if stop_at_eos else []
@@ -1225,6 +1225,7 @@ class Sampling:
         self.groups = {key: None if len(rows) == B else torch.tensor(rows, device=device) for key, rows in groups.items()}
         # (rule, order, its rows or None for all): what denoise_step loops over
         self.rules = [(RULES[name], o, rows) for (name, o), rows in self.groups.items()]
+        self.drafting = any(hasattr(rule, 'draft') for rule, _, _ in self.rules)   # some row runs verify rows
         for name, value, ok, what in (('temperature', temperature, lambda v: v >= 0, '>= 0 (0 = greedy)'),
                                       ('top_p', top_p, lambda v: 0 < v <= 1, 'in (0, 1]')):
             values = one_per_row(value, (list, tuple, torch.Tensor))

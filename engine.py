@@ -114,8 +114,8 @@ class Batch:
         with torch.no_grad():
             generators = [row.generator for row in self.rows]
             u_token = bd3lm.rand(self.masked.shape, generators, self.device, self.masked)
-            bd3lm.denoise_step(self.model, self.xb, self.masked, self.uniform, u_token, self.state, self.sampling,
-                               forward, generators)
+            bd3lm.denoise_step(self.model, self.xb, self.masked, self.uniform, u_token,
+                               self.state if self.sampling.drafting else None, self.sampling, forward, generators)
         complete = (~self.masked.any(-1)).tolist()
         self.finished, left = {}, []
         for i, row in enumerate(self.rows):

@@ -107,7 +107,7 @@ def draft(source, k, xb, generator, candidates=1):
                      device=device), torch.zeros(G, m, dtype=torch.float64, device=device), C)
     # Uniforms indexed by (depth, candidate), never by m: a row draws the same whatever its batch mates do.
     u_draft, u_accept = bd3lm.rand((G, 2, bs * C), generator, device, depth > 0).unbind(1)
-    source.masked = source.masked & (depth > 0)[:, None]
+    source.masked = source.masked & (depth > 0)[:, None]    # rows that draft nothing compute no fields
     q = torch.zeros(G, m, bs * V if pairs else V, dtype=torch.float64, device=device)
     positions, tokens, versions = zeros.clone(), zeros.clone(), xb[:, None].repeat(1, m, 1)
     if pairs:
@@ -145,6 +145,15 @@ def target_law(here, r, pairs):
         return pick_law(*full_law(here, r), here.masked[r]), None
     pick = bd3lm.first(here.priority, here.masked, 1).double().argmax(-1)[r]
     return here.law((r, pick)), pick
+
+
+def version(p, j, masked):
+    """The Proposal of verify row j (an int, or (G,) one per row) of p's call (p.versions): the same rows,
+    order and draws, still masked where `masked`. (What the walk below reads at each depth.)"""
+    h, c = p.versions
+    j = (slice(None), j) if isinstance(j, int) else (torch.arange(h.shape[0], device=h.device), j)
+    return bd3lm.Proposal(p.model, h[j], masked, p.uniform, p.u_token, p.sampling, p.rows, p.order,
+                          None if c is None else c[j])
 
 
 def speculative(p, k):
@@ -193,7 +202,7 @@ def speculative(p, k):
     return p.masked & ~masked, tokens, p.versions[0][torch.arange(G, device=device), ends]
 
 
-# --- The sampler's side: what bd3lm.denoise_step runs for a drafting rule (any rule with rule.draft) ---------
+# --- The sampler's side: what bd3lm.denoise_step runs when some row's rule drafts (has rule.draft) ----------
 
 def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator):
     """Before the model call: each drafting row's verify rows (rule.draft of its group), the other rows'
@@ -218,15 +227,6 @@ def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generat
         n_rows[rows] = 1 + d.n
     t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
     return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows
-
-
-def version(p, j, masked):
-    """After the call: the Proposal of verify row j (an int, or (G,) one per row) of p's call (p.versions):
-    the same rows, order and draws, still masked where `masked`."""
-    h, c = p.versions
-    j = (slice(None), j) if isinstance(j, int) else (torch.arange(h.shape[0], device=h.device), j)
-    return bd3lm.Proposal(p.model, h[j], masked, p.uniform, p.u_token, p._sampling, p._rows, p.order,
-                          None if c is None else c[j])
 
 
 def speculative_rule(candidates):

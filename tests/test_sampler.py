@@ -272,6 +272,17 @@ def test_a_rule_that_reveals_nothing_falls_back_to_its_order(monkeypatch):
                                       return_stats=True, **kw)
     (a, sa), (b, sb) = run(rule='nothing'), run(rule='tokens_per_call', knob=1)
     assert torch.equal(a, b) and sa['nfe'] == sb['nfe'] == 30
+    # A rule that names only positions already revealed reveals nothing too (it once stalled the loop: the
+    # fallback looked at what the rule named, not at what it could reveal).
+    calls = []
+
+    def revealed(p, knob):
+        calls.append(1)
+        assert len(calls) <= 30, 'no progress'
+        return ~p.masked
+    monkeypatch.setitem(bd3lm.RULES, 'revealed', revealed)
+    c, sc = run(rule='revealed')
+    assert torch.equal(c, b) and sc['nfe'] == 30
 
 
 @pytest.mark.parametrize('kwargs,calls_per_block', [
