@@ -38,7 +38,7 @@ import torch
 
 import bd3lm
 
-WIDE_CANDIDATES = 2     # candidates per reveal of RULES['speculative_wide']
+WIDE_CANDIDATES = 4     # candidates per reveal of RULES['speculative_wide'] (known_law.py: why 4)
 MIN_MASS = 1e-9         # a candidate is drafted only where q has this much mass left (else a wasted row)
 
 

@@ -78,10 +78,13 @@ RULES = [
     ('speculative k=16, entropy', 'speculative', 16, 'entropy'),
     ('tokens_per_call=1, conf', 'tokens_per_call', 1, 'confidence'),
     ('speculative k=16, conf', 'speculative', 16, 'confidence'),
-    # two candidates per reveal (speculative.WIDE_CANDIDATES): more verify rows, fewer calls
+    # several candidates per reveal (speculative.WIDE_CANDIDATES): more verify rows, fewer calls; in the
+    # deterministic orders a round rarely keeps more than 3 drafts, so k = 3 costs few rows for the same calls
     ('spec_wide k=4', 'speculative_wide', 4, None),
     ('spec_wide k=16', 'speculative_wide', 16, None),
+    ('spec_wide k=3, entropy', 'speculative_wide', 3, 'entropy'),
     ('spec_wide k=16, entropy', 'speculative_wide', 16, 'entropy'),
+    ('spec_wide k=3, conf', 'speculative_wide', 3, 'confidence'),
     ('spec_wide k=16, conf', 'speculative_wide', 16, 'confidence'),
 ]
 SPECIALS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']   # BERT's, ids 0-4; the words follow
