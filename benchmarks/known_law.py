@@ -36,6 +36,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 import bd3lm  # noqa: E402
+import speculative  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the language
@@ -58,6 +59,7 @@ top_p = 1.0
 smooth = 1e-3               # uniform mass mixed into the law: impossible transitions score finitely
 out_json = ''
 only = ''                   # run only the RULES whose names contain this ('' = all)
+wide_candidates = 0         # candidates per reveal of speculative_wide (0: speculative.WIDE_CANDIDATES)
 # -----------------------------------------------------------------------------
 
 # Every setting drawn and scored: (name, rule, knob, order); order None is the rule's own default.
@@ -273,6 +275,8 @@ def main():
     exact_rows = sample_chain(P, samples, tokens, np.random.default_rng(seed + 2))
     exact = score(transitions(exact_rows), P, smooth)
     print_row('exact samples (noise floor)', exact)
+    if wide_candidates:         # e.g. --wide_candidates=2: the rule as it was before four
+        bd3lm.RULES['speculative_wide'] = speculative.speculative_rule(wide_candidates)
     available = bd3lm.RULES
     results = []
     for name, rule, knob, order in RULES:
