@@ -735,8 +735,6 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
         if not masked.any():                          # every row has ended
             break
         uniform = rand(masked.shape, generator, device, masked)     # the block's random order
-        if state is not None:
-            state.zero_()
         while masked.any():                           # denoise the block, one model call at a time
             u_token = rand(masked.shape, generator, device, masked)  # this call's draws
             forward = block_pass(model, x, [lo] * B, cache, finished, static=compiled)
@@ -774,11 +772,11 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     B, bs = xb.shape
     drawing = masked.any(-1)
     c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # t: the masked fraction
-    versions, c_versions, drafts, n_rows = xb[:, None], c, {}, 1
+    versions, c_versions, drafts, n_rows, ahead = xb[:, None], c, {}, 1, None
     if state is not None:                     # drafting rules only: their verify rows (speculative.py, imported last)
-        versions, c_versions, drafts, n_rows = speculative.verify_rows(model, xb, masked, uniform, u_token, state,
-                                                                       sampling, c, generator)
-    h = forward(versions, c_versions)                                               # (B, m, bs, D)
+        versions, c_versions, drafts, n_rows, ahead = speculative.verify_rows(model, xb, masked, uniform, u_token,
+                                                                              state, sampling, c, generator)
+    h = forward(versions, c_versions, ahead)                                        # (B, m, bs, D)
     for i, (rule, order, rows) in enumerate(sampling.rules):
         take = (lambda t: t) if rows is None else (lambda t: t[rows])          # this group's rows
         p = Proposal(model, take(h[:, 0]), take(masked), take(uniform), take(u_token), sampling, rows, order,
@@ -796,8 +794,8 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
         put = (lambda t, v: t.copy_(v)) if rows is None else (lambda t, v: t.index_put_((rows,), v))
         put(xb, p.fill(reveal if tokens is None else fallback, new))
         put(masked, take(masked) ^ reveal)                                   # reveal lies in masked
-        if keep is not None:
-            put(state, keep.to(state.dtype))
+        if keep is not None:                                      # (a row that drew nothing keeps its own)
+            put(state, torch.where(take(drawing)[:, None, None], keep.to(state.dtype), take(state)))
     return drawing * n_rows if drafts else drawing
 
 
@@ -999,14 +997,15 @@ class KVCache:
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.block_size, self.window = cfg.block_size, cfg.model_length
 
-    def plan(self, starts, rows=None, write=None, static=False):
+    def plan(self, starts, rows=None, write=None, static=False, sees=None):
         """The next pass: pass row i is a block at positions starts[i]..+block_size (host ints) of cache row
         rows[i] (default i). Without `rows`, every pass row writes its keys into its ring and attends to
         it. With `rows` (several pass rows per cache row: a clean block and the next block in one pass, or
         verify rows), only the rows where `write` is True write into the ring; each pass row attends to a
-        copy of its row's ring with its own keys in it. Returns the positions (P, bs) or (bs,). static: the
-        same shapes whatever the positions (every pass attends to the whole ring, masked), as a compiled
-        call needs."""
+        copy of its row's ring with its own keys in it, and with sees = {i: j} pass row i also sees pass
+        row j's keys (a lookahead row: the next block after a verify row, speculative.py). Returns the
+        positions (P, bs) or (bs,). static: the same shapes whatever the positions (every pass attends to
+        the whole ring, masked), as a compiled call needs."""
         bs, device = self.block_size, self.k.device
         n_keys = self.window if static else min(max(starts) + bs, self.window)     # no slot past it is written yet
         if rows is None and len(set(starts)) == 1 and not static:   # every row at the same block: slices
@@ -1020,7 +1019,9 @@ class KVCache:
         if rows is not None:
             rows = torch.tensor(rows, device=device)
             write = torch.tensor([i for i, w in enumerate(write) if w], dtype=torch.long, device=device)
-        self._plan = 'rows', rows, write, slots, n_keys, mask
+        if sees:
+            sees = tuple(torch.tensor(list(side), dtype=torch.long, device=device) for side in zip(*sees.items()))
+        self._plan = 'rows', rows, write, slots, n_keys, mask, sees or None
         return positions
 
     def update(self, layer, k, v):
@@ -1038,7 +1039,7 @@ class KVCache:
             _, start, n_keys = self._plan
             K[:P, :, start:start + self.block_size], V[:P, :, start:start + self.block_size] = k, v
             return K[:P, :, :n_keys], V[:P, :, :n_keys], None
-        _, rows, write, slots, n_keys, mask = self._plan
+        _, rows, write, slots, n_keys, mask, sees = self._plan
         i = torch.arange(P, device=k.device)[:, None]
         if rows is None:                                            # rows at different blocks
             K[i, :, slots], V[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
@@ -1047,6 +1048,9 @@ class KVCache:
         K[w, :, slots[write]], V[w, :, slots[write]] = k[write].transpose(1, 2), v[write].transpose(1, 2)
         keys, values = K[rows, :, :n_keys], V[rows, :, :n_keys]      # copies: each pass row adds its own keys
         keys[i, :, slots], values[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
+        if sees is not None:
+            at, of = sees[0][:, None], sees[1]
+            keys[at, :, slots[of]], values[at, :, slots[of]] = k[of].transpose(1, 2), v[of].transpose(1, 2)
         return keys, values, mask
 
     def move(self, src, dst):
@@ -1055,45 +1059,68 @@ class KVCache:
 
 
 def block_pass(model, x, starts, cache, finished=None, static=False):
-    """forward(versions, c) for the blocks at starts (B,) (host ints) of x (B, T): versions (B, m, bs) of
-    each row's block (and verify rows) -> hidden states (B, m, bs, D). With a cache: one pass that attends
-    to the cached prefix; finished = (rows, tokens (K, bs)) are those rows' finished blocks just before
-    their block, written into the cache in the same pass, at t = 0. The pass is planned here, before the
-    call (static: with fixed shapes, for a compiled call). Without a cache: the pass over the block's
-    receptive field under the banded mask (n_layers windows back: exact, and affordable for long uncached
-    generation); every row at the same block."""
-    bs, B = model.config.block_size, len(starts)
+    """forward(versions, c, ahead=None) for the blocks at starts (B,) (host ints) of x (B, T): versions
+    (B, m, bs) of each row's block (and verify rows) -> hidden states (B, m, bs, D). ahead (B,), a drafting
+    rule's lookahead (speculative.py): row r also runs its next block, fully masked, after its version
+    ahead[r] (-1: none) at that version's conditioning, returned as version m (zeros for rows without).
+    With a cache: one pass that attends to the cached prefix; finished = (rows, tokens (K, bs)) are those
+    rows' finished blocks just before their block, written into the cache in the same pass, at t = 0. The
+    pass is planned here, before the call (static: with fixed shapes, for a compiled call). Without a
+    cache: the pass over the block's receptive field under the banded mask (n_layers windows back: exact,
+    and affordable for long uncached generation), a lookahead in a second pass; every row at one block."""
+    bs, B, mask_id = model.config.block_size, len(starts), model.config.mask_id
+
+    def lookahead(ahead, m):    # the rows that run one, and the (flat) version each one follows
+        pairs = [(r, r * m + n) for r, n in enumerate(ahead.tolist()) if n >= 0] if ahead is not None else []
+        return [r for r, _ in pairs], [j for _, j in pairs]
+
+    def attach(h, rows, h_ahead):
+        if rows:
+            h = torch.cat([h, torch.zeros_like(h[:, :1])], 1)
+            h[rows, -1] = h_ahead
+        return h
+
     if cache is None:
         lo = starts[0]
         start = max(0, lo - model.config.n_layers * (model.config.model_length - bs))
 
-        def uncached(versions, c):
-            head = x[:, None, start:lo].expand(-1, versions.shape[1], -1)
+        def uncached(versions, c, ahead=None):
+            (_, m, _), (rows, after) = versions.shape, lookahead(ahead, versions.shape[1])
+            head = x[:, None, start:lo].expand(-1, m, -1)
             h = model.hidden(torch.cat([head, versions], -1).flatten(0, 1), c,
-                             torch.arange(start, lo + bs, device=x.device))
-            return h[:, -bs:].unflatten(0, versions.shape[:2])
+                             torch.arange(start, lo + bs, device=x.device))[:, -bs:].unflatten(0, (B, m))
+            if rows:
+                tokens = torch.cat([x[rows, start:lo], versions.flatten(0, 1)[after],
+                                    versions.new_full((len(rows), bs), mask_id)], -1)
+                h_ahead = model.hidden(tokens, None if c is None else c[after],
+                                       torch.arange(start, lo + 2 * bs, device=x.device))[:, -bs:]
+            return attach(h, rows, h_ahead if rows else None)
         return uncached
 
-    def plan(m):        # the pass's rows: m versions of each row's block, then the finished blocks
+    def plan(m, ahead=((), ())):    # the pass's rows: m versions of each block, lookahead rows, finished blocks
         rows, at = [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)]
-        write = [False] * (B * m)
+        sees = {B * m + i: j for i, j in enumerate(ahead[1])}
+        rows, at = rows + list(ahead[0]), at + [starts[r] + bs for r in ahead[0]]
+        write = [False] * len(rows)
         if finished is not None:
             writers = finished[0]
             rows, at, write = rows + writers, at + [starts[r] - bs for r in writers], write + [True] * len(writers)
-        mapped = finished is not None or m > 1           # (unmapped, every pass row writes its keys)
-        return cache.plan(at, rows if mapped else None, write if mapped else None, static)
+        mapped = finished is not None or m > 1 or bool(sees)    # (unmapped, every pass row writes its keys)
+        return cache.plan(at, rows if mapped else None, write if mapped else None, static, sees)
 
     positions = plan(1)     # planned now, outside any compiled call (verify rows re-plan in the call)
     c_clean = None if finished is None else model.cond(None, len(finished[0]))    # clean: t = 0
 
-    def cached(versions, c):
-        m = versions.shape[1]
-        tokens = versions.flatten(0, 1)
+    def cached(versions, c, ahead=None):
+        m, (rows, after) = versions.shape[1], lookahead(ahead, versions.shape[1])
+        tokens, cs = [versions.flatten(0, 1), versions.new_full((len(rows), bs), mask_id)], [c]
+        if rows and c is not None:
+            cs.append(c[after])
         if finished is not None:
-            tokens = torch.cat([tokens, finished[1]])
-            c = None if c is None else torch.cat([c, c_clean])
-        h = model.transformer(tokens, positions if m == 1 else plan(m), None, c, cache)
-        return h[:B * m].unflatten(0, (B, m))
+            tokens, cs = tokens + [finished[1]], cs + [c_clean]
+        h = model.transformer(torch.cat(tokens), plan(m, (rows, after)) if m > 1 or rows else positions, None,
+                              None if c is None else torch.cat(cs), cache)
+        return attach(h[:B * m].unflatten(0, (B, m)), rows, h[B * m:B * m + len(rows)])
     return cached
 
 

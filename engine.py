@@ -70,7 +70,6 @@ class Batch:
         self.xb[i] = block
         self.masked[i] = (block == mask_id) & (torch.arange(row.lo, row.lo + bs, device=self.device) < row.end)
         self.uniform[i] = bd3lm.rand((1, bs), [row.generator], self.device, self.masked[i:i + 1])[0]
-        self.state[i] = 0
 
     def admit(self, row):
         """The row joins: its settings are checked, its prompt's complete blocks are written into its cache row

@@ -54,6 +54,7 @@ class Draft:
     q: torch.Tensor          # (G, m, W) the law its outcome was drawn from: over tokens (W = V) or pairs
     u_accept: torch.Tensor   # (G, m) the uniforms of the accept tests
     candidates: int          # C
+    ahead: torch.Tensor      # (G,) the node a lookahead row follows (the spine's end), -1: none
 
 
 def spine(depth, candidates):
@@ -94,17 +95,22 @@ def draft(source, k, xb, generator, candidates=1):
     node the row's previous round ended in (all zeros at a block's start: nothing to draft from yet). At
     least one masked position is left for the deepest rows to draw."""
     G, bs = source.masked.shape
-    device, C = xb.device, candidates
+    device, C, cfg = xb.device, candidates, source.model.config
     has_source = source.hidden.flatten(1).any(-1)
-    depth = torch.minimum(k.clamp(max=bs).long(), source.masked.sum(-1) - 1).clamp(min=0) * has_source
-    deepest, pairs, V = int(depth.max()), source.order == 'confidence', source.model.config.vocab_size
+    left = source.masked.sum(-1)
+    depth = torch.minimum(k.clamp(max=bs).long(), left - 1).clamp(min=0) * has_source
+    deepest, pairs, V = int(depth.max()), source.order == 'confidence', cfg.vocab_size
     m = 1 + C * deepest
+    # A round that may end its block also runs the next block after the spine's end (lookahead): the next
+    # block's first round drafts from it (only where the ring holds both blocks and drafts can be made).
+    can_ahead = (k > 0) & (left > 0) & (left == depth + 1) & (bs > 1) & (2 * bs <= cfg.model_length)
+    ahead = torch.where(can_ahead, torch.where(depth > 0, 1 + (depth - 1) * C, 0), -1)
     zeros = torch.zeros(G, m, dtype=torch.long, device=device)
     present = torch.zeros(G, m, dtype=torch.bool, device=device)
     present[:, 0] = True
     if deepest == 0:                    # no row drafts: the block alone
         return Draft(xb[:, None], depth, present, zeros, zeros, torch.zeros(G, m, 0, dtype=torch.float64,
-                     device=device), torch.zeros(G, m, dtype=torch.float64, device=device), C)
+                     device=device), torch.zeros(G, m, dtype=torch.float64, device=device), C, ahead)
     # Uniforms indexed by (depth, candidate), never by m: a row draws the same whatever its batch mates do.
     u_draft, u_accept = bd3lm.rand((G, 2, bs * C), generator, device, depth > 0).unbind(1)
     source.masked = source.masked & (depth > 0)[:, None]    # rows that draft nothing compute no fields
@@ -135,7 +141,7 @@ def draft(source, k, xb, generator, candidates=1):
             versions[r, node, positions[r, node]] = tokens[r, node]
         if pairs:
             still[r, positions[r, spine(d + 1, C)]] = False
-    return Draft(versions, present.sum(-1) - 1, present, positions, tokens, q, u_accept[:, :m - 1], C)
+    return Draft(versions, present.sum(-1) - 1, present, positions, tokens, q, u_accept[:, :m - 1], C, ahead)
 
 
 def target_law(here, r, pairs):
@@ -199,7 +205,10 @@ def speculative(p, k):
         ends[r] = node[r]
         node[r] = to
         alive[r] = accepted
-    return p.masked & ~masked, tokens, p.versions[0][torch.arange(G, device=device), ends]
+    keep = p.versions[0][torch.arange(G, device=device), ends]
+    ended = ~masked.any(-1, keepdim=True)[..., None]     # a finished block: the next one drafts from the lookahead
+    lookahead = p.versions[0][:, -1] if (d.ahead >= 0).any() else torch.zeros_like(keep)
+    return p.masked & ~masked, tokens, torch.where(ended, lookahead, keep)
 
 
 # --- The sampler's side: what bd3lm.denoise_step runs when some row's rule drafts (has rule.draft) ----------
@@ -221,12 +230,14 @@ def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generat
     m = max([d.versions.shape[1] for d in drafts.values()] + [1])
     versions = xb[:, None].repeat(1, m, 1)
     n_rows = torch.ones(B, dtype=torch.long, device=xb.device)
+    ahead = torch.full((B,), -1, dtype=torch.long, device=xb.device)
     for i, d in drafts.items():
         rows = slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2]
         versions[rows, :d.versions.shape[1]] = d.versions
-        n_rows[rows] = 1 + d.n
+        n_rows[rows] = 1 + d.n + (d.ahead >= 0)
+        ahead[rows] = d.ahead
     t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
-    return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows
+    return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows, ahead if (ahead >= 0).any() else None
 
 
 def speculative_rule(candidates):

@@ -12,13 +12,13 @@ import speculative
 from conftest import check_engine_rows_equal_generate_alone, random_model
 
 
-def dependent_model(seed=0):
+def dependent_model(seed=0, block_size=4, model_length=4):
     """One block [BOS, ?, ?, ?] over 4 tokens (+ mask), float64, whose positions depend strongly on each
     other (sharp attention, unit adaLN gates): a draft from a stale q is often wrong, so the accept and
-    residual steps are what the law hangs on."""
+    residual steps are what the law hangs on. (Blocks of 2 in a window of 4: [BOS, ?] [?, ?].)"""
     torch.manual_seed(seed)
-    model = bd3lm.BD3LM(bd3lm.BD3LMConfig(block_size=4, vocab_size=5, model_length=4, hidden_dim=32, cond_dim=16,
-                                          n_layers=2, n_heads=4))
+    model = bd3lm.BD3LM(bd3lm.BD3LMConfig(block_size=block_size, vocab_size=5, model_length=model_length,
+                                          hidden_dim=32, cond_dim=16, n_layers=2, n_heads=4))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -32,17 +32,18 @@ def dependent_model(seed=0):
     return model.double().eval()
 
 
-def exact_law(model, order, temperature=1.0, top_p=1.0, bos=3):
-    """The law (64,) of the block's three tokens under one-token-per-call sampling, by a dynamic program
+def exact_law(model, order, temperature=1.0, top_p=1.0, head=(3,), n=3):
+    """The law (M^n,) of n masked tokens after the clean `head` (BOS; with blocks of 4, the block [BOS, ?,
+    ?, ?]) under one-token-per-call sampling, by a dynamic program
     over revealed subsets from the model's own conditionals: 'uniform' reveals a uniformly random masked
     position (a random order drawn once per block), 'entropy' the one of lowest entropy at temperature 1;
     each token from the tempered, nucleus-filtered conditional. 'confidence': a token is proposed at every
     masked position from that conditional and the proposal of highest p_theta (temperature 1) is revealed,
     ties to the lowest position (every combination of proposals enumerated)."""
-    M = model.config.mask_id
-    states = list(itertools.product(range(M + 1), repeat=3))         # M: still masked
+    M, h = model.config.mask_id, len(head)
+    states = list(itertools.product(range(M + 1), repeat=n))         # M: still masked
     with torch.no_grad():
-        logits = model(torch.tensor([[bos, *s] for s in states])).double()[:, 1:]
+        logits = model(torch.tensor([[*head, *s] for s in states])).double()[:, h:]
     logits[..., M] = -float('inf')
     p1 = logits.softmax(-1)
     entropy = -(p1 * p1.log().nan_to_num(neginf=0.0)).sum(-1)
@@ -51,7 +52,7 @@ def exact_law(model, order, temperature=1.0, top_p=1.0, bos=3):
 
     @functools.lru_cache(None)
     def outcomes(s):
-        masked = [i for i in range(3) if s[i] == M]
+        masked = [i for i in range(n) if s[i] == M]
         if not masked:
             return {s: 1.0}
         i = index[s]
@@ -78,9 +79,9 @@ def exact_law(model, order, temperature=1.0, top_p=1.0, bos=3):
         picks = masked if order == 'uniform' else [min(masked, key=lambda j: float(entropy[i, j]))]
         return {(j, t): float(law[i, j, t]) / len(picks) for j in picks for t in range(M)}
 
-    exact = torch.zeros(M ** 3, dtype=torch.float64)
-    for final, q in outcomes((M, M, M)).items():
-        exact[final[0] * M * M + final[1] * M + final[2]] = q
+    exact = torch.zeros(M ** n, dtype=torch.float64)
+    for final, q in outcomes((M,) * n).items():
+        exact[sum(t * M ** (n - 1 - i) for i, t in enumerate(final))] = q
     return exact
 
 
@@ -118,6 +119,24 @@ def test_speculative_draws_the_one_token_per_call_law(rule, k, order, temperatur
     assert stats['row_nfe'].double().mean() < 3         # it did draw several tokens per call
     other = exact_law(model, 'entropy' if order == 'uniform' else 'uniform', temperature, top_p)
     assert (exact - other).abs().sum() > 0.05           # the two laws differ: the test tells them apart
+
+
+@pytest.mark.parametrize('rule, order, temperature, top_p', [
+    ('speculative', 'uniform', 1.0, 1.0), ('speculative_wide', 'uniform', 0.7, 0.85),
+    ('speculative', 'entropy', 1.0, 1.0), ('speculative_wide', 'confidence', 0.8, 0.9)])
+def test_a_block_drafted_from_the_lookahead_keeps_the_law(rule, order, temperature, top_p):
+    # Blocks of 2, [BOS, x] [y, z]: the call that reveals x also runs the lookahead row (the next block
+    # after [BOS, ?]), and the second block's first call drafts from it: a draft that saw a mask where x
+    # now is. 20,000 texts against the exact law: x from the model, then y, z one per call given [BOS, x].
+    model = dependent_model(block_size=2, model_length=4)
+    n, M = 20_000, model.config.mask_id
+    out, stats = model.generate(torch.full((n, 1), 3), 3, rule=rule, knob=2, order=order, temperature=temperature,
+                                top_p=top_p, generator=torch.Generator().manual_seed(2), return_stats=True)
+    first = exact_law(model, order, temperature, top_p, head=(3,), n=1)
+    exact = torch.cat([first[x] * exact_law(model, order, temperature, top_p, head=(3, x), n=2) for x in range(M)])
+    assert chi_square_p(counts_of(out, M), exact) > 0.01
+    assert stats['row_nfe'].double().mean() < 2.9    # without the lookahead every text takes 3 calls
+    assert stats['rows_x_tokens'].double().mean() > stats['row_nfe'].double().mean() * 2   # verify rows ran
 
 
 def test_confidence_order_law_is_tokens_per_call_one():
@@ -173,19 +192,21 @@ def test_greedy_matches_first_hitting_in_one_block():
 
 
 def test_calls_fall_with_k_on_a_confident_model():
-    # Every position's law nearly one-hot: each draft is kept, so a block of 16 costs one call for its
-    # first token (nothing to draft from yet) and ceil(15 / (k + 1)) for the rest; k = 0 is first-hitting.
+    # Every position's law nearly one-hot: each draft is kept. The first block costs one call for its first
+    # token (nothing to draft from yet) and ceil(15 / (k + 1)) for the rest; a later block drafts from the
+    # lookahead row its predecessor's last call ran, so ceil(16 / (k + 1)). k = 0 is first-hitting.
     model = random_model(block_size=16, model_length=64)
     with torch.no_grad():
         model.output_layer.linear.bias[7] = 60.0
     idx = torch.full((2, 16), 3)
     new = 48
-    for k, calls in ((0, new), (1, 3 * 9), (3, 3 * 5), (15, 3 * 2)):
+    for k, calls in ((0, new), (1, 9 + 2 * 8), (3, 5 + 2 * 4), (15, 2 + 2 * 1)):
         _, stats = model.generate(idx, new, rule='speculative', knob=k, generator=torch.Generator().manual_seed(0),
                                   return_stats=True)
         assert stats['nfe'] == calls, k
-        # rows x tokens: a call runs one row per token it reveals (1 + drafts), 16 tokens each
-        assert int(stats['rows_x_tokens'][0]) == 16 * new, k
+        # rows x tokens: a call runs one row per token it reveals (1 + drafts), 16 tokens each, and each
+        # block's last call one lookahead row (k > 0)
+        assert int(stats['rows_x_tokens'][0]) == 16 * (new + 3 * (k > 0)), k
 
 
 @pytest.mark.parametrize('rule, order', [('speculative', 'uniform'), ('speculative', 'entropy'),
