@@ -687,15 +687,13 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 # -----------------------------------------------------------------------------
 # 7. Sampler (Alg. 2)
 #
-# Block by block, left to right: a block starts fully masked (after any prompt tokens it holds) and is
-# denoised by repeated model calls; after each call an unmasking rule says which masked positions to reveal,
-# and they take the token proposed for them, never to change again. Every call is one forward pass: a
-# block's first call also writes the finished block before it into the KV cache (both in one pass, the
-# clean one at t = 0), and one pass writes a prompt's complete blocks. Blocks are aligned at position 0.
-# Past model_length tokens every block attends to a sliding window of the last model_length tokens (whole
-# blocks), cached or not. Read top-down: generate (the loop over blocks) -> denoise_step (one model call)
-# -> Proposal (what a call proposes; law, what a token is drawn from) -> the rules -> the KV cache and its
-# passes -> drawing helpers. The argument checks are section 8.
+# Block by block, left to right: a block starts masked (after any prompt tokens it holds) and is denoised
+# by model calls; after each call an unmasking rule says which masked positions reveal their proposed
+# token, never to change again. One forward pass per call: a block's first call also writes the finished
+# block into the KV cache (at t = 0), and one pass writes a prompt's complete blocks. Blocks are aligned at
+# 0; past model_length every block sees a sliding window of the last model_length tokens, cached or not.
+# Read top-down: generate (the blocks) -> denoise_step (one call) -> Proposal (what a call proposes; law,
+# what a token is drawn from) -> the rules -> the KV cache and its passes -> drawing. Checks: section 8.
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
@@ -709,9 +707,8 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     value, or one per row. generator: a torch.Generator, or a list of one per row (see rand).
     stop_at_eos, stop_entropy: where a row ends early (apply_stops; the paper uses stop_entropy=4); ended
     rows hold eos_id (default config.eos_id). on_block(x, end): called after each block with the tokens so
-    far. return_stats: also return {'nfe': the batch's model calls, 'row_nfe': (B,) each row's own calls
-    (what it pays alone), 'rows_x_tokens': (B,) block rows x tokens its calls ran (verify rows count),
-    'forward_passes': nfe + 1 for the prefill pass of a prompt with a complete block, 'lengths': (B,)}."""
+    far. return_stats: also return {'nfe', 'row_nfe', 'rows_x_tokens', 'forward_passes', 'lengths'} (the
+    batch's model calls; each row's own calls and the block rows x tokens they ran; nfe + 1 prefill pass)."""
     sampling, lengths, eos_id = check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p,
                                                nucleus, generator, eos_id)
     cfg, device = model.config, lengths.device
@@ -764,11 +761,11 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
     """One model call for a batch of blocks (Alg. 2's inner loop): run the model, let each row's rule
     choose which masked positions to reveal, write the proposed tokens there. xb (B, bs) tokens and masked
     (B, bs) are updated in place; uniform (B, bs) is the block's random order, u_token (B, bs) this call's
-    uniform per position (a proposed token's draw); state (B, bs, D) the drafting rules' hidden states and
-    generator their random draws (None: no row drafts); sampling the rows' settings, grouped by rule and
-    order (Sampling.rules). forward(versions, c) runs the model on versions (B, m, bs) of the blocks ->
-    (B, m, bs, D) (block_pass): m = 1 unless a rule drafts. Returns (B,) the block rows each row ran (0: it
-    drew nothing; a bool when no row drafts). Without drafts it compiles (compile_sampler)."""
+    token uniforms; state (B, bs, D) the drafting rules' hidden states and generator their draws (None: no
+    row drafts); sampling the rows' settings by rule and order (Sampling.rules). forward(versions, c,
+    ahead) runs the model on versions (B, m, bs) of the blocks (block_pass): m = 1 and no lookahead unless
+    a rule drafts. Returns (B,) the block rows each row ran (0: it drew nothing; a bool when no row drafts).
+    Without drafts it compiles (compile_sampler)."""
     B, bs = xb.shape
     drawing = masked.any(-1)
     c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # t: the masked fraction
@@ -815,20 +812,17 @@ class Proposal:
       masked      (B, bs) bool     positions still masked
       uniform     (B, bs)          i.i.d. U[0, 1), drawn once per block: a uniformly random order
       probs       (B, bs, V)       p_theta at each position (temperature 1, before nucleus; float64)
-      confidence  (B, bs)          p_theta (temperature 1) of the token proposed there, which is drawn from
-                                   the row's law: at temperature T != 1 a confident model's proposal can
-                                   have a low confidence (it is the model's own belief in the drawn token)
+      confidence  (B, bs)          p_theta (temperature 1) of the token proposed there (drawn from the row's law)
       entropy     (B, bs)          entropy of p_theta there
       priority    (B, bs)          the call's order as a score, higher first
       leading     (B, bs) bool     the first masked position in that order (none in a row without one)
       law(where)  (N, V)           the law a token is drawn from at positions `where`: the row's temperature
                                    and top_p applied to p_theta
 
-    The fields are computed on first use, at masked positions only (every position under torch.compile):
-    a rule that reads none of them (first-hitting) projects only the positions it reveals to the vocabulary.
-    Built from the hidden states (B, bs, D), u_token (each position's token uniform), c (the conditioning),
-    the Sampling and its rows of the batch (None: all). A drafting rule also gets p.draft (what its
-    rule.draft returned) and p.versions (the verify rows' hidden states (B, m, bs, D) and conditioning)."""
+    Computed on first use, at masked positions only (every position under torch.compile): first-hitting,
+    which reads none, projects only the positions it reveals. Built from the hidden states (B, bs, D),
+    u_token (each position's token uniform), c (the conditioning), the Sampling and its rows (None: all);
+    a drafting rule also gets p.draft and p.versions (docs/sampling.md)."""
 
     def __init__(self, model, hidden, masked, uniform, u_token, sampling, rows, order, c=None):
         self.model, self.hidden, self.masked, self.uniform, self.u_token = model, hidden, masked, uniform, u_token
@@ -909,17 +903,11 @@ class Proposal:
 
 # --- Unmasking rules ------------------------------------------------------------
 #
-# The rule contract. A rule is a function rule(p, knob) -> reveal: p is the call's Proposal (above), knob
-# (B,) float64 the rows' setting, reveal a (B, bs) bool of the masked positions to reveal; the sampler
-# draws their tokens from p.law. Register it in RULES; generate, sample.py --rule and serve.py's "rule"
-# field then take it by name. Optional attributes, all read by the sampler or the checks at the end:
-#   rule.knob    the knob's (low, high) range: an int low means an integer knob; None: the rule takes none
-#   rule.order   the order it ranks positions in (p.priority) and falls back to; default 'confidence'
-#   rule.orders  the orders it accepts (default ORDERS)
-#   rule.draft   a rule that checks several versions of the block in one call: the interface is in
-#                docs/sampling.md ("How a drafting rule plugs in"); speculative.py holds both sides of it
-# The sampler, not the rule, guarantees progress: a row whose rule reveals nothing reveals its first
-# masked position in the order.
+# A rule is a function rule(p, knob) -> reveal: p the call's Proposal, knob (B,) float64 the rows' setting,
+# reveal (B, bs) bool the masked positions to reveal; the sampler draws their tokens from p.law, and a row
+# that reveals nothing reveals its first masked position in the order (progress is the sampler's job).
+# Register it in RULES (generate, sample.py --rule and serve.py then take it by name); its optional
+# attributes (knob, order, orders, draft) are the rule contract in docs/sampling.md.
 
 ORDERS = ('uniform', 'confidence', 'entropy')
 
@@ -981,14 +969,11 @@ class KVCache:
     """Keys and values of each row's clean blocks, one buffer per layer, preallocated once.
 
     Row r's buffer is a ring of `window` = model_length positions: position i lives at i % window. A block
-    that is being denoised alone writes its keys where it will live once clean; that place holds the block
-    that is leaving the sliding window, so it attends to the ring in place. A pass that also carries a
-    finished block (or verify rows) gives each pass row a copy of its ring instead, so the finished block
-    still sees the oldest block of its window. Keys are stored with rotary applied at absolute positions.
-    Rows may sit at different blocks (engine.py).
-
-    Before each pass, plan() says which rows run at which positions; the model then calls update() once
-    per layer with the pass's keys and values."""
+    denoised alone writes its keys where it will live once clean (where the block leaving the sliding window
+    was) and attends to the ring in place. A pass that also carries a finished block, verify rows or
+    lookahead rows gives each pass row a copy of its ring instead, so the finished block still sees the
+    oldest block of its window. Keys carry rotary at absolute positions; rows may sit at different blocks
+    (engine.py). Before each pass plan() says which rows run where; update() then runs once per layer."""
 
     def __init__(self, model, n_rows, device):
         cfg = model.config
@@ -999,13 +984,11 @@ class KVCache:
 
     def plan(self, starts, rows=None, write=None, static=False, sees=None):
         """The next pass: pass row i is a block at positions starts[i]..+block_size (host ints) of cache row
-        rows[i] (default i). Without `rows`, every pass row writes its keys into its ring and attends to
-        it. With `rows` (several pass rows per cache row: a clean block and the next block in one pass, or
-        verify rows), only the rows where `write` is True write into the ring; each pass row attends to a
-        copy of its row's ring with its own keys in it, and with sees = {i: j} pass row i also sees pass
-        row j's keys (a lookahead row: the next block after a verify row, speculative.py). Returns the
-        positions (P, bs) or (bs,). static: the same shapes whatever the positions (every pass attends to
-        the whole ring, masked), as a compiled call needs."""
+        rows[i] (default i). Without `rows`, every pass row writes its keys into its ring and attends to it.
+        With `rows` (a finished block beside the next, verify rows) only the pass rows where `write` is True
+        write into the ring, each attending to a copy of its ring with its own keys in it (and with sees =
+        {i: j}, pass row j's too: a lookahead row). Returns the positions (P, bs) or (bs,). static: the same
+        shapes whatever the positions (the whole ring, masked), as a compiled call needs."""
         bs, device = self.block_size, self.k.device
         n_keys = self.window if static else min(max(starts) + bs, self.window)     # no slot past it is written yet
         if rows is None and len(set(starts)) == 1 and not static:   # every row at the same block: slices
@@ -1019,9 +1002,8 @@ class KVCache:
         if rows is not None:
             rows = torch.tensor(rows, device=device)
             write = torch.tensor([i for i, w in enumerate(write) if w], dtype=torch.long, device=device)
-        if sees:
-            sees = tuple(torch.tensor(list(side), dtype=torch.long, device=device) for side in zip(*sees.items()))
-        self._plan = 'rows', rows, write, slots, n_keys, mask, sees or None
+        sees = [torch.tensor(list(side), device=device) for side in zip(*sees.items())] if sees else None
+        self._plan = 'rows', rows, write, slots, n_keys, mask, sees
         return positions
 
     def update(self, layer, k, v):
@@ -1060,19 +1042,17 @@ class KVCache:
 
 def block_pass(model, x, starts, cache, finished=None, static=False):
     """forward(versions, c, ahead=None) for the blocks at starts (B,) (host ints) of x (B, T): versions
-    (B, m, bs) of each row's block (and verify rows) -> hidden states (B, m, bs, D). ahead (B,), a drafting
-    rule's lookahead (speculative.py): row r also runs its next block, fully masked, after its version
-    ahead[r] (-1: none) at that version's conditioning, returned as version m (zeros for rows without).
-    With a cache: one pass that attends to the cached prefix; finished = (rows, tokens (K, bs)) are those
-    rows' finished blocks just before their block, written into the cache in the same pass, at t = 0. The
-    pass is planned here, before the call (static: with fixed shapes, for a compiled call). Without a
-    cache: the pass over the block's receptive field under the banded mask (n_layers windows back: exact,
-    and affordable for long uncached generation), a lookahead in a second pass; every row at one block."""
+    (B, m, bs) of each row's block (and verify rows) -> hidden states (B, m, bs, D); with ahead (B,) (a
+    drafting rule's lookahead) row r also runs its next block, masked, after its version ahead[r] (-1:
+    none), returned as version m (zeros without). With a cache: one pass over the cached prefix, which also
+    writes finished = (rows, tokens (K, bs)), those rows' blocks just before theirs, at t = 0; planned here
+    (static: fixed shapes, for a compiled call). Without: the pass over the block's receptive field under
+    the banded mask (n_layers windows back: exact, affordable for long uncached text); rows at one block."""
     bs, B, mask_id = model.config.block_size, len(starts), model.config.mask_id
 
     def lookahead(ahead, m):    # the rows that run one, and the (flat) version each one follows
-        pairs = [(r, r * m + n) for r, n in enumerate(ahead.tolist()) if n >= 0] if ahead is not None else []
-        return [r for r, _ in pairs], [j for _, j in pairs]
+        a = [] if ahead is None else list(enumerate(ahead.tolist()))
+        return [r for r, n in a if n >= 0], [r * m + n for r, n in a if n >= 0]
 
     def attach(h, rows, h_ahead):
         if rows:
@@ -1084,17 +1064,12 @@ def block_pass(model, x, starts, cache, finished=None, static=False):
         lo = starts[0]
         start = max(0, lo - model.config.n_layers * (model.config.model_length - bs))
 
-        def uncached(versions, c, ahead=None):
+        def uncached(versions, c, ahead=None):     # (with a lookahead every row also runs its next block)
             (_, m, _), (rows, after) = versions.shape, lookahead(ahead, versions.shape[1])
-            head = x[:, None, start:lo].expand(-1, m, -1)
-            h = model.hidden(torch.cat([head, versions], -1).flatten(0, 1), c,
-                             torch.arange(start, lo + bs, device=x.device))[:, -bs:].unflatten(0, (B, m))
-            if rows:
-                tokens = torch.cat([x[rows, start:lo], versions.flatten(0, 1)[after],
-                                    versions.new_full((len(rows), bs), mask_id)], -1)
-                h_ahead = model.hidden(tokens, None if c is None else c[after],
-                                       torch.arange(start, lo + 2 * bs, device=x.device))[:, -bs:]
-            return attach(h, rows, h_ahead if rows else None)
+            tail = [torch.full_like(versions, mask_id)] if rows else []
+            tokens = torch.cat([x[:, None, start:lo].expand(-1, m, -1), versions] + tail, -1).flatten(0, 1)
+            h = model.hidden(tokens, c, torch.arange(start, start + tokens.shape[1], device=x.device))
+            return attach(h[:, lo - start:lo - start + bs].unflatten(0, (B, m)), rows, h[after, lo - start + bs:])
         return uncached
 
     def plan(m, ahead=((), ())):    # the pass's rows: m versions of each block, lookahead rows, finished blocks
@@ -1113,9 +1088,8 @@ def block_pass(model, x, starts, cache, finished=None, static=False):
 
     def cached(versions, c, ahead=None):
         m, (rows, after) = versions.shape[1], lookahead(ahead, versions.shape[1])
-        tokens, cs = [versions.flatten(0, 1), versions.new_full((len(rows), bs), mask_id)], [c]
-        if rows and c is not None:
-            cs.append(c[after])
+        tokens = [versions.flatten(0, 1), versions.new_full((len(rows), bs), mask_id)]
+        cs = [c, None if c is None else c[after]]
         if finished is not None:
             tokens, cs = tokens + [finished[1]], cs + [c_clean]
         h = model.transformer(torch.cat(tokens), plan(m, (rows, after)) if m > 1 or rows else positions, None,

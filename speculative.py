@@ -30,6 +30,12 @@ candidates one by one (recursive rejection sampling: exact for any sequence of d
 has none: a leaf, which gives one more token from its own row): 1..n + 1 tokens per call, for 1 + C n
 rows. With 'entropy' a candidate is also out where the position its row's entropies pick is not the
 drafted one.
+
+Lookahead: a round that may end its block (every masked position but one drafted) also runs the next
+block, fully masked, after the spine's end node (one more row in the same pass, attending to that node's
+keys as if they were clean). When the round does end the block, the next block's first round drafts from
+it: without it that round has nothing to draft from and reveals one token. Its view of the finished block
+misses the last reveal, which is allowed: a draft may come from anywhere the round's uniforms cannot see.
 """
 import math
 from dataclasses import dataclass
@@ -92,8 +98,9 @@ def full_law(p, rows):
 
 def draft(source, k, xb, generator, candidates=1):
     """Before the call: draft the tree of up to k (G,) reveals per row from `source`, the proposal of the
-    node the row's previous round ended in (all zeros at a block's start: nothing to draft from yet). At
-    least one masked position is left for the deepest rows to draw."""
+    node the row's previous round ended in, or at a block's start of the previous block's lookahead row
+    (all zeros where there is none: nothing to draft from). At least one masked position is left for the
+    deepest rows to draw."""
     G, bs = source.masked.shape
     device, C, cfg = xb.device, candidates, source.model.config
     has_source = source.hidden.flatten(1).any(-1)
@@ -164,7 +171,8 @@ def version(p, j, masked):
 
 def speculative(p, k):
     """After the call: walk the draft tree from its root, one reveal per node; returns (reveal, tokens, the
-    hidden states of the node each round ended in: the next round's draft source)."""
+    next round's draft source: the hidden states of the node the round ended in, or of the lookahead row
+    where the round ended the block)."""
     d = getattr(p, 'draft', None)
     if d is None:                       # called without drafts (a caller that runs no verify rows)
         return bd3lm.first(p.priority, p.masked, 1)
