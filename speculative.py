@@ -64,8 +64,8 @@ class Draft:
 
 
 def spine(depth, candidates):
-    """The node the reveal at `depth` is drafted from."""
-    return 0 if depth == 0 else 1 + (depth - 1) * candidates
+    """The node the reveal at `depth` (an int or a tensor) is drafted from."""
+    return (1 + (depth - 1) * candidates) * (depth > 0)
 
 
 def pick_law(probs, law, masked):
@@ -110,8 +110,8 @@ def draft(source, k, xb, generator, candidates=1):
     m = 1 + C * deepest
     # A round that may end its block also runs the next block after the spine's end (lookahead): the next
     # block's first round drafts from it (only where the ring holds both blocks and drafts can be made).
-    can_ahead = (k > 0) & (left > 0) & (left == depth + 1) & (bs > 1) & (2 * bs <= cfg.model_length)
-    ahead = torch.where(can_ahead, torch.where(depth > 0, 1 + (depth - 1) * C, 0), -1)
+    can_ahead = (k > 0) & (left == depth + 1) & (bs > 1) & (2 * bs <= cfg.model_length)
+    ahead = torch.where(can_ahead, spine(depth, C), -1)
     zeros = torch.zeros(G, m, dtype=torch.long, device=device)
     present = torch.zeros(G, m, dtype=torch.bool, device=device)
     present[:, 0] = True
