@@ -4,6 +4,7 @@ perplexity and unigram entropy, on the same samples (seeds) for every rule.
 
     python benchmarks/sampling_frontier.py               # CPU, offline; trains both models the first time (~1 h)
     python benchmarks/sampling_frontier.py --judge=gpt2-large    # any Hugging Face causal LM as the judge
+    python benchmarks/sampling_frontier.py --only=speculative    # rerun those rows into an earlier run's json
 
 The first run trains, on the embedded corpus (Python's documentation), a BD3-LM (4 x 128, L = 128, blocks
 of 16, 2,000 iterations, ~8x the demo) and an independent judge: a block-size-1 model of this project
@@ -40,6 +41,8 @@ p.add_argument('--speed_samples', type=int, default=3)
 p.add_argument('--top_p', type=float, default=1.0)
 p.add_argument('--temperature', type=float, default=1.0)
 p.add_argument('--max_iters', type=int, default=2000, help='training iterations of each model, if trained here')
+p.add_argument('--only', default='', help="rerun only the rules whose names contain this (e.g. 'speculative'), "
+               "replacing their rows in --out_dir/frontier.json, which must come from the same settings")
 args = p.parse_args()
 
 # --- the two models: trained once, then reused ---------------------------------------------------------
@@ -105,6 +108,22 @@ RULES += [(f'speculative={k}, {order}', {'rule': 'speculative', 'knob': k, 'orde
 RULES += [(f'speculative_wide=16, {order}', {'rule': 'speculative_wide', 'knob': 16, 'order': order})
           for order in ('uniform', 'entropy')]
 
+previous = []
+if args.only:
+    path = os.path.join(args.out_dir, 'frontier.json')
+    if not os.path.exists(path):
+        sys.exit(f'--only={args.only!r} replaces rows of {path}, which does not exist: run once without --only first')
+    old = json.load(open(path))
+    differ = {k: (old['settings'].get(k), v) for k, v in vars(args).items()
+              if k != 'only' and old['settings'].get(k) != v}
+    if differ:
+        sys.exit(f'--only: {path} was made with other settings (old, now): {differ}; pass the same ones')
+    previous = old['results']
+    RULES = [(name, kwargs) for name, kwargs in RULES if args.only in name]
+    if not RULES:
+        sys.exit(f'--only={args.only!r} matches no rule')
+
+
 def generate(kwargs, seeds):
     idx = torch.full((len(seeds), 1), model.config.bos_id)
     return model.generate(idx, args.tokens, generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -145,6 +164,8 @@ for name, kwargs in RULES:
           f'{result["gen_ppl_mean"]:8.1f} {result["gen_ppl"]:9.1f} {result["entropy"]:8.3f}', flush=True)
 
 # --- the targets, stated from the numbers ------------------------------------------------------------------
+rerun = {r['rule']: r for r in results}
+results = [rerun.pop(r['rule'], r) for r in previous] + list(rerun.values()) if previous else results
 base = results[0]
 adaptive = [r for r in results if r['kwargs'].get('rule') in ('threshold', 'entropy_bound', 'tokens_per_call',
                                                                'speculative')]
