@@ -128,8 +128,7 @@ class Rotary(nn.Module):
 
 def apply_rotary(x, cos, sin):
     # x: (B, H, T, D); cos/sin: (T, D), or (B, T, D) for per-row positions
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
+    cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -141,8 +140,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, cond_dim, frequency_dim=256):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma):
         # sigma: (B,) -> (B, cond_dim)
@@ -184,10 +182,10 @@ class DDiTBlock(nn.Module):
         if adaln:
             self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
-    def forward(self, x, c, rotary, attn, layer=0, cache=None):
-        # x: (B, T, D); c: (B, 1, cond_dim) or None; rotary: (cos, sin), each (T, head_dim)
+    def forward(self, x, mod, rotary, attn, layer=0, cache=None):
+        # x: (B, T, D); mod: self.adaLN_modulation(c), (B, 1, 6 D), or None; rotary: (cos, sin), each (T, head_dim)
         if self.adaln:
-            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
             h = modulate(self.norm1(x), shift1, scale1)
         else:
             gate1 = gate2 = 1.0
@@ -392,7 +390,7 @@ class BD3LM(nn.Module):
         self.register_buffer('sampling_eps_max', torch.tensor(1.0))
         self.attn_backend = 'sdpa'  # or 'flex': FlexAttention, same numbers; see use_flex_attention()
         self._masks, self._constant_c = {}, (None, {})
-        self._cond_weights = list(self.sigma_map.parameters()) if c.adaln else []   # what cond's constant depends on
+        self._cond_weights = [p for n, p in self.named_parameters() if 'sigma_map' in n or 'adaLN' in n]  # see cond
         self.vocab = None  # WordPiece models: the token strings in id order (saved as vocab.txt)
 
     def use_flex_attention(self, enabled=True):
@@ -428,14 +426,15 @@ class BD3LM(nn.Module):
             return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
-        # Without gradients (sampling asks for it every call) the constant is computed once per batch size
-        # and version of the weights: an optimizer step, load_state_dict or .to() makes it anew.
+        # Without gradients (sampling asks every call) the constant and its modulations are computed once per
+        # batch size and version of the weights: an optimizer step, load_state_dict or .to() makes them anew.
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._cond_weights)
         if self._constant_c[0] != key:
             self._constant_c = key, {}
         if batch_size not in self._constant_c[1]:
-            self._constant_c[1][batch_size] = F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
-        return self._constant_c[1][batch_size]
+            c = F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
+            self._constant_c[1][batch_size] = c, [block.adaLN_modulation(c[:, None]) for block in self.blocks]
+        return self._constant_c[1][batch_size][0]
 
     def train_hidden(self, xt, x0, c):
         """Hidden states (B, L, D) of xt's half of the training pass. Both halves use positions
@@ -458,9 +457,11 @@ class BD3LM(nn.Module):
         h = self.vocab_embed(x)                                     # (B, T, D)
         rotary = self.rotary_emb(positions)
         attn = self._attention(mask)
-        c = None if c is None else c[:, None]                       # (B, 1, cond_dim): every position
-        for i, block in enumerate(self.blocks):
-            h = block(h, c, rotary, attn, layer=i, cache=cache)
+        constant, mods = (None, None) if torch.compiler.is_compiling() else self._constant_c[1].get(len(h), (None, None))
+        if c is None or c is not constant:                          # each layer's adaLN shifts, scales, gates
+            mods = [None if c is None else block.adaLN_modulation(c[:, None]) for block in self.blocks]
+        for i, (block, mod) in enumerate(zip(self.blocks, mods)):
+            h = block(h, mod, rotary, attn, layer=i, cache=cache)
         return h
 
     def _attention(self, mask):
@@ -474,9 +475,8 @@ class BD3LM(nn.Module):
     def attention_mask(self, kind, L):
         """(dense bool mask, FlexAttention BlockMask or None) of the 'train' pass over 2L positions or the
         'infer' pass over L, from train_mask_mod / block_causal_mask_mod."""
-        # Masks are built once and reused. The inference
-        # mask of a shorter sequence is the top-left corner of a longer one, so with SDPA one mask serves
-        # every length (the uncached sampler asks for a new length every block).
+        # Masks are built once and reused. The inference mask of a shorter sequence is the top-left corner of
+        # a longer one, so with SDPA one mask serves every length (the uncached sampler asks for a new one).
         device = self.vocab_embed.embedding.device
         bs, window = self.config.block_size, self.config.model_length
         sliceable = kind == 'infer' and self.attn_backend == 'sdpa'
@@ -797,8 +797,7 @@ def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, 
 
 
 def lazy(fn):
-    """A property computed on first use and then kept: functools.cached_property, without the lock that
-    Python 3.11's has (torch.compile cannot trace it)."""
+    """A property computed on first use, then kept (cached_property without the lock torch.compile can't trace)."""
     def get(self):
         if fn.__name__ not in self.__dict__:
             self.__dict__[fn.__name__] = fn(self)
@@ -1088,12 +1087,13 @@ def block_pass(model, x, starts, cache, finished=None, static=False):
 
     def cached(versions, c, ahead=None):
         m, (rows, after) = versions.shape[1], lookahead(ahead, versions.shape[1])
-        tokens = [versions.flatten(0, 1), versions.new_full((len(rows), bs), mask_id)]
-        cs = [c, None if c is None else c[after]]
+        tokens, cs = [versions.flatten(0, 1)], [c]      # (c itself where it is all: cond's constant, as it is)
+        if rows:
+            tokens, cs = tokens + [versions.new_full((len(rows), bs), mask_id)], cs + [c if c is None else c[after]]
         if finished is not None:
             tokens, cs = tokens + [finished[1]], cs + [c_clean]
         h = model.transformer(torch.cat(tokens), plan(m, (rows, after)) if m > 1 or rows else positions, None,
-                              None if c is None else torch.cat(cs), cache)
+                              c if c is None or len(cs) == 1 else torch.cat(cs), cache)
         return attach(h[:B * m].unflatten(0, (B, m)), rows, h[B * m:B * m + len(rows)])
     return cached
 
