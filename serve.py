@@ -55,6 +55,7 @@ max_pending = 64            # requests waiting beyond this get HTTP 503 at once
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
 max_steps = 1_000_000       # the largest steps=K a request may ask for (any K costs <= block_size calls)
 max_prompt_tokens = 4096
+max_draft_mb = 128          # per row: the draft laws of a drafting rule (rule.draft_bytes; speculative.py)
 max_body_bytes = 1_000_000  # a larger request body is refused (413) without being read
 read_timeout_s = 30.0       # HTTP 408 for a client silent this long, or whose body takes longer
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -127,6 +128,15 @@ def parse_request(body, tokenizer, config):
         bd3lm.Sampling(1, 'cpu', r['rule'], r['knob'], r['order'])
     except ValueError as e:
         raise RequestError(str(e), 'order' if str(e).startswith('order') else knob_field)
+    rule = bd3lm.RULES[r['rule']]
+    if hasattr(rule, 'draft_bytes'):    # a drafting rule: the draft laws it keeps per row are capped
+        order, limit = r['order'] or getattr(rule, 'order', 'confidence'), max_draft_mb * 2 ** 20
+        size = rule.draft_bytes(r['knob'], order, config)
+        if size > limit:
+            fits = [k for k in range(config.block_size) if rule.draft_bytes(k, order, config) <= limit]
+            raise RequestError(f'rule {r["rule"]!r} in order {order!r} at knob {r["knob"]} keeps {size / 2 ** 20:,.0f} MB '
+                               f'of draft laws per row with this model, over --max_draft_mb={max_draft_mb}: '
+                               + (f'use a knob of at most {max(fits)}' if fits else 'choose another order'), knob_field)
     if r['seed'] is not None and not 0 <= r['seed'] < 2 ** 63:
         raise RequestError(f'seed must be in [0, 2^63), got {r["seed"]}', 'seed')
     stops = [r['stop']] if isinstance(r['stop'], str) else (r['stop'] or [])
@@ -424,7 +434,8 @@ if __name__ == '__main__':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise SystemExit(f"--dtype={dtype!r}: choose 'float32', 'bfloat16' or 'float16'")
-    for _name in ('port', 'max_batch', 'max_pending', 'max_tokens_limit', 'max_prompt_tokens', 'max_body_bytes'):
+    for _name in ('port', 'max_batch', 'max_pending', 'max_tokens_limit', 'max_prompt_tokens', 'max_body_bytes',
+                  'max_draft_mb'):
         if not isinstance(globals()[_name], int) or globals()[_name] <= 0:
             raise SystemExit(f'--{_name}={globals()[_name]!r}: must be a positive integer')
     if not isinstance(read_timeout_s, (int, float)) or read_timeout_s <= 0:

@@ -45,6 +45,7 @@ import torch
 import bd3lm
 
 WIDE_CANDIDATES = 4     # candidates per reveal of RULES['speculative_wide'] (known_law.py: why 4)
+PICK_CHUNK = 2 ** 22    # rival tests (N x bs x pairs) pick_law holds at once: ~32 MB per float64 temporary
 MIN_MASS = 1e-9         # a candidate is drafted only where q has this much mass left (else a wasted row)
 
 
@@ -73,18 +74,24 @@ def pick_law(probs, law, masked):
     proposed at every masked position k from `law` (N, bs, V) and the one of highest confidence
     probs_k(a_k) (probs: p_theta at temperature 1) wins, ties to the lowest position. So
         P(i, a) = law_i(a) prod_{k < i} P(conf_k < probs_i(a)) prod_{k > i} P(conf_k <= probs_i(a)),
-    each conf_k's law being `law_k` carried over to the values probs_k. Unmasked positions take no part."""
+    each conf_k's law being `law_k` carried over to the values probs_k. Unmasked positions take no part.
+    Pairs go PICK_CHUNK rival tests at a time, so the temporaries stay small at any vocabulary."""
     N, bs, V = probs.shape
     values, order = probs.sort(-1)                                   # each position's confidences, ascending
     mass = torch.cat([torch.zeros_like(law[..., :1]), law.gather(-1, order).cumsum(-1)], -1)   # (N, bs, V + 1)
-    c = probs.reshape(N, 1, bs * V).expand(N, bs, bs * V).contiguous()   # every pair's confidence, per rival k
-    below = mass.gather(-1, torch.searchsorted(values, c, right=False))    # P(conf_k < c)
-    at_or_below = mass.gather(-1, torch.searchsorted(values, c, right=True))
+    out = (law * masked[..., None]).reshape(N, bs * V)
     k = torch.arange(bs, device=probs.device)[:, None]
-    i = torch.arange(bs, device=probs.device).repeat_interleave(V)[None]
-    beats = torch.where(k < i, below, at_or_below)                   # (N, bs_k, bs V): pair (i, a) beats k
-    beats = torch.where((k == i) | ~masked[:, :, None], 1.0, beats)
-    return (law * masked[..., None]).reshape(N, bs * V) * beats.prod(1)
+    step = max(1, PICK_CHUNK // max(1, N * bs))
+    for s in range(0, bs * V, step):                                 # pairs s .. s + step - 1
+        c = probs.reshape(N, 1, bs * V)[..., s:s + step]
+        c = c.expand(N, bs, c.shape[-1]).contiguous()                # each pair's confidence, per rival k
+        below = mass.gather(-1, torch.searchsorted(values, c, right=False))    # P(conf_k < c)
+        at_or_below = mass.gather(-1, torch.searchsorted(values, c, right=True))
+        i = torch.arange(s, s + c.shape[-1], device=probs.device)[None] // V    # each pair's position
+        beats = torch.where(k < i, below, at_or_below)               # (N, bs_k, pairs): pair (i, a) beats k
+        beats = torch.where((k == i) | ~masked[:, :, None], 1.0, beats)
+        out[:, s:s + step] *= beats.prod(1)
+    return out
 
 
 def full_law(p, rows):
@@ -248,12 +255,20 @@ def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generat
     return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows, ahead if (ahead >= 0).any() else None
 
 
+def draft_bytes(candidates, k, order, config):
+    """Bytes of the draft laws (Draft.q) a row keeps per call at knob k: 1 + C min(k, bs - 1) nodes, each a
+    float64 law over the vocabulary, or over (position, token) pairs with order='confidence' (serve.py caps it)."""
+    bs = config.block_size
+    return 8 * (1 + candidates * min(int(k), bs - 1)) * config.vocab_size * (bs if order == 'confidence' else 1)
+
+
 def speculative_rule(candidates):
     """The rule drafting `candidates` per reveal (the walk reads C from its draft)."""
     def rule(p, k):
         return speculative(p, k)
     rule.draft = lambda source, k, xb, generator: draft(source, k, xb, generator, candidates)
     rule.knob, rule.order, rule.orders = (0, math.inf), 'uniform', ('uniform', 'entropy', 'confidence')
+    rule.draft_bytes = lambda k, order, config: draft_bytes(candidates, k, order, config)
     rule.__doc__ = f'speculative decoding, {candidates} candidate(s) per reveal: knob = the reveals drafted per call'
     return rule
 

@@ -30,7 +30,8 @@ def server(tmp_path_factory):
     random_model(vocab_size=50258, block_size=4, model_length=32, hidden_dim=32, n_heads=2).save_pretrained(folder)
     port = free_port()
     proc = subprocess.Popen([sys.executable, 'serve.py', f'--init_from={folder}', f'--port={port}', '--max_pending=8',
-                             '--max_tokens_limit=200', '--max_batch=8', '--max_body_bytes=100000', '--read_timeout_s=2'],
+                             '--max_tokens_limit=200', '--max_batch=8', '--max_body_bytes=100000', '--read_timeout_s=2',
+                             '--max_draft_mb=8'],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(120):
         try:
@@ -249,6 +250,15 @@ def test_limits_a_public_endpoint_needs(server, client):
         assert status == 400 and answer['error']['param'] == field, answer
     status, answer = post(server[0], {'prompt': 'x', 'threshold': 0.5, 'steps': 2})
     assert status == 400 and 'choose one unmasking rule' in answer['error']['message']
+    # Drafts in the confidence order keep block_size x vocabulary floats per node: 1.5 MB each here, so
+    # 1 + 4 k nodes of speculative_wide fit --max_draft_mb=8 up to k = 1; the uniform order's are 4x smaller.
+    wide = {'prompt': 'x', 'rule': 'speculative_wide', 'knob': 2, 'order': 'confidence', 'max_tokens': 4}
+    status, answer = post(server[0], wide)
+    assert status == 400 and answer['error']['param'] == 'knob', answer
+    assert '--max_draft_mb=8' in answer['error']['message'] and 'at most 1' in answer['error']['message']
+    for fits in ({'knob': 1}, {'order': 'uniform'}):
+        status, answer = post(server[0], {**wide, **fits, 'seed': 0})
+        assert status == 200 and answer['choices'][0]['finish_reason'] == 'length', answer
     assert client.completions.create(model='m', prompt='still here', max_tokens=4, seed=0).choices[0].text
 
 

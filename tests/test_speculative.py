@@ -162,6 +162,44 @@ def test_pick_law_has_the_ties_to_the_lowest_position():
                                                dtype=torch.float64))
 
 
+@pytest.mark.parametrize('chunk', [speculative.PICK_CHUNK, 1])
+def test_pick_law_equals_counting_every_proposal(monkeypatch, chunk):
+    # Against the obvious computation: every joint proposal (a_0, a_1, a_2) of the three masked positions
+    # (one unmasked), its probability, and which pair wins (highest confidence, ties to the lowest
+    # position). chunk=1 tests one pair at a time (pick_law's chunking changes nothing).
+    monkeypatch.setattr(speculative, 'PICK_CHUNK', chunk)
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(1, 4, 3, generator=g, dtype=torch.float64).softmax(-1)
+    probs[0, 2] = probs[0, 0]                                       # ties between positions 0 and 2
+    law = torch.rand(1, 4, 3, generator=g, dtype=torch.float64).softmax(-1)
+    masked = torch.tensor([[True, False, True, True]])
+    want = torch.zeros(4, 3, dtype=torch.float64)
+    for a in itertools.product(range(3), repeat=3):
+        where = [0, 2, 3]
+        chance = law[0, where, list(a)].prod()
+        conf = [probs[0, i, t].item() for i, t in zip(where, a)]
+        winner = max(range(3), key=lambda j: (conf[j], -j))
+        want[where[winner], a[winner]] += chance
+    torch.testing.assert_close(speculative.pick_law(probs, law, masked).view(4, 3), want, rtol=1e-12, atol=1e-15)
+
+
+def test_draft_bytes_is_what_a_draft_keeps(monkeypatch):
+    # serve.py caps rule.draft_bytes: it must be the size of the largest Draft.q a row really keeps.
+    model = dependent_model(block_size=4, model_length=8)
+    sizes, real_draft = [], speculative.draft
+
+    def draft(*args, **kwargs):
+        d = real_draft(*args, **kwargs)
+        sizes.append(d.q[0])
+        return d
+    monkeypatch.setattr(speculative, 'draft', draft)
+    for name, k, order in (('speculative', 2, 'uniform'), ('speculative_wide', 16, 'confidence')):
+        sizes.clear()
+        model.generate(torch.full((1, 1), 3), 7, rule=name, knob=k, order=order)
+        rule = bd3lm.RULES[name]
+        assert max(q.numel() * q.element_size() for q in sizes) == rule.draft_bytes(k, order, model.config) > 0
+
+
 def test_entropy_order_law_is_entropy_bound_zero():
     # The same law drawn by bd3lm's own one-token-per-call sampler (entropy_bound, gamma = 0).
     model = dependent_model()
