@@ -424,10 +424,10 @@ class BD3LM(nn.Module):
         device = self.sampling_eps_min.device
         if t is not None and self.config.time_conditioning:
             return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(device.type):
             return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
-        # Without gradients (sampling asks every call) the constant and its modulations are computed once per
-        # batch size and version of the weights: an optimizer step, load_state_dict or .to() makes them anew.
+        # Without gradients or autocast (sampling asks every call) the constant and its modulations are made once
+        # per batch size and version of the weights: an optimizer step, load_state_dict, .to(), makes them anew.
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._cond_weights)
         if self._constant_c[0] != key:
             self._constant_c = key, {}
@@ -458,7 +458,7 @@ class BD3LM(nn.Module):
         rotary = self.rotary_emb(positions)
         attn = self._attention(mask)
         constant, mods = (None, None) if torch.compiler.is_compiling() else self._constant_c[1].get(len(h), (None, None))
-        if c is None or c is not constant:                          # each layer's adaLN shifts, scales, gates
+        if c is None or c is not constant:          # each layer's adaLN shifts, scales, gates (cond's when constant)
             mods = [None if c is None else block.adaLN_modulation(c[:, None]) for block in self.blocks]
         for i, (block, mod) in enumerate(zip(self.blocks, mods)):
             h = block(h, mod, rotary, attn, layer=i, cache=cache)
@@ -1087,7 +1087,7 @@ def block_pass(model, x, starts, cache, finished=None, static=False):
 
     def cached(versions, c, ahead=None):
         m, (rows, after) = versions.shape[1], lookahead(ahead, versions.shape[1])
-        tokens, cs = [versions.flatten(0, 1)], [c]      # (c itself where it is all: cond's constant, as it is)
+        tokens, cs = [versions.flatten(0, 1)], [c]      # c itself, no copy, where it is all: transformer knows it
         if rows:
             tokens, cs = tokens + [versions.new_full((len(rows), bs), mask_id)], cs + [c if c is None else c[after]]
         if finished is not None:

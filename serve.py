@@ -55,7 +55,7 @@ max_pending = 64            # requests waiting beyond this get HTTP 503 at once
 max_tokens_limit = 4096     # the largest max_tokens a request may ask for
 max_steps = 1_000_000       # the largest steps=K a request may ask for (any K costs <= block_size calls)
 max_prompt_tokens = 4096
-max_draft_mb = 128          # per row: the draft laws of a drafting rule (rule.draft_bytes; speculative.py)
+max_draft_mb = 128          # MiB per row: the draft laws of a drafting rule (rule.draft_bytes; speculative.py)
 max_body_bytes = 1_000_000  # a larger request body is refused (413) without being read
 read_timeout_s = 30.0       # HTTP 408 for a client silent this long, or whose body takes longer
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -125,16 +125,15 @@ def parse_request(body, tokenizer, config):
     if r['rule'] == 'steps' and isinstance(r['knob'], int) and r['knob'] > max_steps:
         raise RequestError(f'steps must be at most {max_steps:,}, got {r["knob"]:,}', knob_field)
     try:  # the rule's knob and order, checked by the sampler itself
-        bd3lm.Sampling(1, 'cpu', r['rule'], r['knob'], r['order'])
+        order = bd3lm.Sampling(1, 'cpu', r['rule'], r['knob'], r['order']).rules[0][1]
     except ValueError as e:
         raise RequestError(str(e), 'order' if str(e).startswith('order') else knob_field)
     rule = bd3lm.RULES[r['rule']]
     if hasattr(rule, 'draft_bytes'):    # a drafting rule: the draft laws it keeps per row are capped
-        order, limit = r['order'] or getattr(rule, 'order', 'confidence'), max_draft_mb * 2 ** 20
-        size = rule.draft_bytes(r['knob'], order, config)
+        size, limit = rule.draft_bytes(r['knob'], order, config), max_draft_mb * 2 ** 20
         if size > limit:
             fits = [k for k in range(config.block_size) if rule.draft_bytes(k, order, config) <= limit]
-            raise RequestError(f'rule {r["rule"]!r} in order {order!r} at knob {r["knob"]} keeps {size / 2 ** 20:,.0f} MB '
+            raise RequestError(f'rule {r["rule"]!r} in order {order!r} at knob {r["knob"]} keeps {size / 2 ** 20:,.1f} MiB '
                                f'of draft laws per row with this model, over --max_draft_mb={max_draft_mb}: '
                                + (f'use a knob of at most {max(fits)}' if fits else 'choose another order'), knob_field)
     if r['seed'] is not None and not 0 <= r['seed'] < 2 ** 63:

@@ -342,13 +342,15 @@ class ema_weights:
     def __enter__(self):
         if ema_params is not None:
             self.raw = [p.detach().clone() for p in model.parameters()]
-            for p, e in zip(model.parameters(), ema_params):
-                p.data.copy_(e)
+            with torch.no_grad():       # (not p.data.copy_: that would hide the change from bd3lm's cond cache)
+                for p, e in zip(model.parameters(), ema_params):
+                    p.copy_(e)
 
     def __exit__(self, *exc):
         if ema_params is not None:
-            for p, r in zip(model.parameters(), self.raw):
-                p.data.copy_(r)
+            with torch.no_grad():
+                for p, r in zip(model.parameters(), self.raw):
+                    p.copy_(r)
 
 
 @torch.no_grad()

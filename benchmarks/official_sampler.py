@@ -1,7 +1,7 @@
 """Sampling tokens/s of this port's sampler against the official bd3lms one: same weights, same machine,
 same run, alternating (after one warm-up of each).
 
-    python benchmarks/official_sampler.py --official=PATH/TO/bd3lms    # needs lightning, hydra-core, omegaconf, einops
+    python benchmarks/official_sampler.py --official=PATH/TO/bd3lms    # needs lightning, hydra-core, omegaconf, torchmetrics, einops
     python benchmarks/official_sampler.py --official=PATH/TO/bd3lms --model_length=1024    # the released models' context
     python benchmarks/official_sampler.py --official=PATH/TO/bd3lms --official_kv_cache=0  # its config's default
 

@@ -273,3 +273,20 @@ def test_a_generation_computes_the_constant_modulation_once():
     model.blocks[0].adaLN_modulation.register_forward_hook(lambda *args: calls.append(1))
     out, stats = model.generate(torch.full((1, 1), model.config.bos_id), 15, return_stats=True)
     assert stats['nfe'] == 15 and len(calls) == 1 + 3          # blocks 2, 3 and 4 carry a finished block
+
+
+def test_the_cached_conditioning_is_not_kept_from_autocast():
+    """A no-grad call under bfloat16 autocast (train.py's evaluation) must not leave bfloat16 modulations for
+    the float32 calls after it (sampling)."""
+    model = random_model().eval()
+    x = random_tokens(model)
+    x[:, -3:] = model.config.mask_id
+    with torch.no_grad():
+        before = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)
+        model._constant_c = (None, {})               # nothing cached yet: the autocast call comes first
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)
+        after = model(x)
+    assert after.dtype == torch.float32 and after.equal(before)
