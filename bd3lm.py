@@ -19,8 +19,10 @@ Beside it: speculative.py (lossless speculative decoding, the rules that draft),
 formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), engine.py (the per-row batching that serve.py runs).
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -182,8 +184,9 @@ class DDiTBlock(nn.Module):
         if adaln:
             self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
-    def forward(self, x, mod, rotary, attn, layer=0, cache=None):
-        # x: (B, T, D); mod: self.adaLN_modulation(c), (B, 1, 6 D), or None; rotary: (cos, sin), each (T, head_dim)
+    def forward(self, x, mod, rotary, attn):
+        # x: (B, T, D); mod: self.adaLN_modulation(c), (B, 1, 6 D), or None; rotary: (cos, sin), each (T, head_dim);
+        # attn(q, k, v) -> (B, H, T, head_dim): the attention itself (masked SDPA, a KV cache's, SGLang's)
         if self.adaln:
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
             h = modulate(self.norm1(x), shift1, scale1)
@@ -194,14 +197,7 @@ class DDiTBlock(nn.Module):
         qkv = self.attn_qkv(h).view(B, T, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, head_dim)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if cache is not None:
-            # The cache writes what it planned (KVCache.plan) and returns the keys this pass attends to, with
-            # a mask where rows see different parts of their ring (None: every key returned is valid).
-            k, v, valid = cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid)
-        else:
-            y = attn(q, k, v)                               # (B, H, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, D)
+        y = attn(q, k, v).transpose(1, 2).reshape(B, T, D)
         x = x + gate1 * self.dropout(self.attn_out(y))
         h = self.norm2(x)
         if self.adaln:
@@ -389,8 +385,7 @@ class BD3LM(nn.Module):
         self.register_buffer('sampling_eps_min', torch.tensor(1e-3))
         self.register_buffer('sampling_eps_max', torch.tensor(1.0))
         self.attn_backend = 'sdpa'  # or 'flex': FlexAttention, same numbers; see use_flex_attention()
-        self._masks, self._constant_c = {}, (None, {})
-        self._cond_weights = [p for n, p in self.named_parameters() if 'sigma_map' in n or 'adaLN' in n]  # see cond
+        self._masks = {}  # attention masks, built once per kind, length and device (attention_mask)
         self.vocab = None  # WordPiece models: the token strings in id order (saved as vocab.txt)
 
     def use_flex_attention(self, enabled=True):
@@ -409,11 +404,13 @@ class BD3LM(nn.Module):
         self._check_tokens(xt, 'xt' if x0 is not None else 'x')
         c = self.cond(t, xt.shape[0])
         if x0 is None:
-            return self.output_layer(self.hidden(xt, c), None if c is None else c[:, None])
-        self._check_tokens(x0, 'x0')
-        if x0.shape != xt.shape:
-            raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
-        return self.output_layer(self.train_hidden(xt, x0, c), None if c is None else c[:, None])
+            h = self.hidden(xt, c)
+        else:
+            self._check_tokens(x0, 'x0')
+            if x0.shape != xt.shape:
+                raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
+            h = self.train_hidden(xt, x0, c)
+        return self.output_layer(h, None if c is None else c[:, None])
 
     def cond(self, t, batch_size):
         """The adaLN conditioning c (B, cond_dim) for noise level t (B,), a move chance in [0, 1], or None
@@ -424,17 +421,12 @@ class BD3LM(nn.Module):
         device = self.sampling_eps_min.device
         if t is not None and self.config.time_conditioning:
             return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(device.type):
-            return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
-        # Without gradients or autocast (sampling asks every call) the constant and its modulations are made once
-        # per batch size and version of the weights: an optimizer step, load_state_dict, .to(), makes them anew.
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self._cond_weights)
-        if self._constant_c[0] != key:
-            self._constant_c = key, {}
-        if batch_size not in self._constant_c[1]:
-            c = F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
-            self._constant_c[1][batch_size] = c, [block.adaLN_modulation(c[:, None]) for block in self.blocks]
-        return self._constant_c[1][batch_size][0]
+        return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
+
+    def modulations(self, c):
+        """Each layer's adaLN shifts, scales and gates of c (B, cond_dim): a list of (B, 1, 6 D) (of None
+        without adaLN). The model computes them every pass; nothing is kept between calls."""
+        return [None if c is None else block.adaLN_modulation(c[:, None]) for block in self.blocks]
 
     def train_hidden(self, xt, x0, c):
         """Hidden states (B, L, D) of xt's half of the training pass. Both halves use positions
@@ -442,35 +434,31 @@ class BD3LM(nn.Module):
         L = xt.shape[1]
         x = torch.cat([xt, x0], dim=1)                              # (B, 2L)
         positions = torch.arange(L, device=x.device).repeat(2)      # (2L,)
-        return self.transformer(x, positions, self.attention_mask('train', L), c)[:, :L]
+        return self.transformer(x, positions, c, self.masked_attention(self.attention_mask('train', L)))[:, :L]
 
     def hidden(self, x, c, positions=None):
         """Inference pass without a cache -> hidden states (B, T, D): x (B, T) under the block-causal mask,
-        banded to a sliding window of model_length when x is longer. (The cached passes are in section 7:
-        block_pass and prefill.)"""
+        banded to a sliding window of model_length when x is longer. (The cached pass: KVCache, section 7.)"""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
-        return self.transformer(x, positions, self.attention_mask('infer', x.shape[1]), c)
+        return self.transformer(x, positions, c, self.masked_attention(self.attention_mask('infer', x.shape[1])))
 
-    def transformer(self, x, positions, mask, c, cache=None):
-        """The transformer body: embedding, rotary, every layer (every pass, cached or not, runs it)."""
+    def transformer(self, x, positions, c, attend, mods=None):
+        """The transformer body, which every pass runs: embedding, rotary at `positions` ((T,), or (B, T) one
+        row each), every layer. attend(layer, q, k, v) -> (B, H, T, head_dim) is each layer's attention: a
+        masked SDPA (masked_attention), a KV cache's, or a server's paged attention. mods: the layers'
+        modulations of c, where the caller computed them already (modulations)."""
         h = self.vocab_embed(x)                                     # (B, T, D)
         rotary = self.rotary_emb(positions)
-        attn = self._attention(mask)
-        constant, mods = (None, None) if torch.compiler.is_compiling() else self._constant_c[1].get(len(h), (None, None))
-        if c is None or c is not constant:          # each layer's adaLN shifts, scales, gates (cond's when constant)
-            mods = [None if c is None else block.adaLN_modulation(c[:, None]) for block in self.blocks]
-        for i, (block, mod) in enumerate(zip(self.blocks, mods)):
-            h = block(h, mod, rotary, attn, layer=i, cache=cache)
+        for i, (block, mod) in enumerate(zip(self.blocks, self.modulations(c) if mods is None else mods)):
+            h = block(h, mod, rotary, functools.partial(attend, i))
         return h
 
-    def _attention(self, mask):
-        if mask is None:
-            return F.scaled_dot_product_attention
+    def masked_attention(self, mask):
+        """attend(layer, q, k, v) under mask = (dense bool mask, FlexAttention BlockMask or None)."""
         if self.attn_backend == 'flex':
-            block_mask = mask[1]
-            return lambda q, k, v: _flex_attention(q, k, v, block_mask=block_mask)
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0])
+            return lambda layer, q, k, v: _flex_attention(q, k, v, block_mask=mask[1])
+        return lambda layer, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0])
 
     def attention_mask(self, kind, L):
         """(dense bool mask, FlexAttention BlockMask or None) of the 'train' pass over 2L positions or the
@@ -608,12 +596,12 @@ class BD3LM(nn.Module):
         """src: a folder with config.json + model.safetensors (released layout, or a train.py out_dir),
         a Hugging Face hub id such as 'kuleshov-group/bd3lm-owt-block_size16', or a bd3lms Lightning
         .ckpt (its EMA weights are used)."""
-        import checkpoints
+        from bd3lm_tools import checkpoints
         return checkpoints.load(src, device, cls)
 
     def save_pretrained(self, out_dir):
         """Write config.json + model.safetensors in the released layout (keys prefixed 'backbone.')."""
-        import checkpoints
+        from bd3lm_tools import checkpoints
         checkpoints.save(self, out_dir)
 
 
@@ -687,262 +675,172 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 # -----------------------------------------------------------------------------
 # 7. Sampler (Alg. 2)
 #
-# Block by block, left to right: a block starts masked (after any prompt tokens it holds) and is denoised
-# by model calls; after each call an unmasking rule says which masked positions reveal their proposed
-# token, never to change again. One forward pass per call: a block's first call also writes the finished
-# block into the KV cache (at t = 0), and one pass writes a prompt's complete blocks. Blocks are aligned at
-# 0; past model_length every block sees a sliding window of the last model_length tokens, cached or not.
-# Read top-down: generate (the blocks) -> denoise_step (one call) -> Proposal (what a call proposes; law,
-# what a token is drawn from) -> the rules -> the KV cache and its passes -> drawing. Checks: section 8.
+# Blocks left to right. A block starts masked (after any prompt tokens it holds); each model call runs the
+# noisy block over the clean prefix and proposes a token at every masked position, and an unmasking rule
+# says which of them to reveal, never to change again. A finished block then goes into the KV cache at
+# t = 0. Blocks are aligned at 0; past model_length each block sees the last model_length tokens. This is
+# the plain sampler: bd3lm_tools/engine.py gives the same tokens faster (one pass per call, a ring cache, a
+# compiled call, per-row settings, speculative decoding, continuous batching).
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
-             nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False, stop_entropy=None, eos_id=None,
-             on_block=None, return_stats=False):
-    """idx: (B, P) prompt ids (P >= 1, usually BOS first) -> (B, P + max(max_new_tokens)). docs/sampling.md.
-
-    rule: an unmasking rule's name in RULES, knob its setting, order the order it ranks positions in
-    ('uniform', 'confidence', 'entropy'; default the rule's own). rule, knob, order, max_new_tokens,
-    temperature (0 = greedy) and top_p (nucleus; nucleus='bd3lms' drops the token that crosses it): one
-    value, or one per row. generator: a torch.Generator, or a list of one per row (see rand).
-    stop_at_eos, stop_entropy: where a row ends early (apply_stops; the paper uses stop_entropy=4); ended
-    rows hold eos_id (default config.eos_id). on_block(x, end): called after each block with the tokens so
-    far. return_stats: also return {'nfe', 'row_nfe', 'rows_x_tokens', 'forward_passes', 'lengths'} (the
-    batch's model calls; each row's own calls and the block rows x tokens they ran; nfe + 1 prefill pass)."""
-    sampling, lengths, eos_id = check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p,
-                                               nucleus, generator, eos_id)
-    cfg, device = model.config, lengths.device
-    bs, mask_id, (B, P) = cfg.block_size, cfg.mask_id, idx.shape
-    total = int(lengths.max())
+def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0,
+             top_p=1.0, nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False,
+             stop_entropy=None, eos_id=None, on_block=None):
+    """idx: (B, P) prompt ids (P >= 1, BOS first) -> (B, P + max_new_tokens) ids. docs/sampling.md.
+    rule: a name in RULES, knob its setting, order how it ranks positions (default: the rule's own);
+    temperature (0 = greedy) and top_p (nucleus; nucleus='bd3lms' drops the token crossing top_p); one
+    setting for the whole batch. stop_at_eos / stop_entropy end a row early (apply_stops); ended rows are
+    filled with eos_id. on_block(x, end) is called after each block with the tokens so far."""
+    s = check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
+                       stop_entropy, eos_id)
+    bs, mask_id, (B, P) = model.config.block_size, model.config.mask_id, idx.shape
+    total, device = P + s.new, model.vocab_embed.embedding.device
     x = torch.full((B, -(-total // bs) * bs), mask_id, dtype=torch.long, device=device)
     x[:, :P] = idx
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    ran = []                                          # (B,) block rows each row ran, per call
-    cache = KVCache(model, B, device) if kv_cache else None
-    if cache is not None and P >= bs:                 # the prompt's complete blocks, in one pass
-        prefill(model, cache, x[:, :P // bs * bs])
-    state = torch.zeros(B, bs, cfg.hidden_dim, device=device, dtype=model.vocab_embed.embedding.dtype) \
-        if sampling.drafting else None                # drafting rules only: their hidden states between calls
-    finished = None                                   # the block the next call writes into the cache
-    compiled = COMPILED_STEP is not None and cache is not None and state is None   # compile_sampler()
-    step = COMPILED_STEP if compiled else denoise_step
-    for lo in range(P // bs * bs, x.shape[1], bs):    # Alg. 2: blocks left to right
-        xb = x[:, lo:lo + bs]                         # a view: denoise_step updates it and masked in place
-        masked = (xb == mask_id) & (torch.arange(lo, lo + bs, device=device) < lengths[:, None]) & ~done[:, None]
-        if not masked.any():                          # every row has ended
+    lengths, done = torch.full((B,), total, device=device), torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(model) if kv_cache else None
+    if cache is not None and P >= bs:
+        cache.write(model, x[:, :P // bs * bs], 0)                   # the prompt's complete blocks
+    for lo in range(P // bs * bs, total, bs):                        # Alg. 2: blocks left to right
+        masked = (x[:, lo:lo + bs] == mask_id) & (torch.arange(lo, lo + bs, device=device) < total) & ~done[:, None]
+        if not masked.any():
             break
-        uniform = rand(masked.shape, generator, device, masked)     # the block's random order
-        while masked.any():                           # denoise the block, one model call at a time
-            u_token = rand(masked.shape, generator, device, masked)  # this call's draws
-            forward = block_pass(model, x, [lo] * B, cache, finished, static=compiled)
-            ran.append(step(model, xb, masked, uniform, u_token, state, sampling, forward,
-                            None if compiled else generator))   # (the generator: drafting rules only)
-            finished = None
-        finished = None if cache is None else (list(range(B)), xb)
-        end = min(lo + bs, total)
-        apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id)
+        x[:, lo:lo + bs] = denoise_block(model, x, lo, masked, cache, s, generator)
+        apply_stops(x, done, lengths, P, min(lo + bs, total), stop_at_eos, stop_entropy, s.eos_id)
         if on_block is not None:
-            on_block(x[:, :end], end)
+            on_block(x[:, :min(lo + bs, total)], min(lo + bs, total))
         if done.all():
             break
+        if cache is not None:
+            cache.write(model, x[:, lo:lo + bs], lo)                 # the finished block, clean: t = 0
     x = x[:, :total]
-    x[x == mask_id] = eos_id                          # past each row's own end
-    if not return_stats:
-        return x
-    ran = torch.stack(ran).long() if ran else torch.zeros(0, B, dtype=torch.long, device=device)
-    return x, {'nfe': len(ran), 'forward_passes': len(ran) + (cache is not None and P >= bs),
-               'row_nfe': (ran > 0).sum(0), 'rows_x_tokens': ran.sum(0) * bs, 'lengths': lengths}
+    x[x == mask_id] = s.eos_id                                       # past a row's own end
+    return x
 
 
 BD3LM.generate = generate   # model.generate(idx, max_new_tokens, ...): the same function
 
 
-def denoise_step(model, xb, masked, uniform, u_token, state, sampling, forward, generator=None):
-    """One model call for a batch of blocks (Alg. 2's inner loop): run the model, let each row's rule
-    choose which masked positions to reveal, write the proposed tokens there. xb (B, bs) tokens and masked
-    (B, bs) are updated in place; uniform (B, bs) is the block's random order, u_token (B, bs) this call's
-    token uniforms; state (B, bs, D) the drafting rules' hidden states and generator their draws (None: no
-    row drafts); sampling the rows' settings by rule and order (Sampling.rules). forward(versions, c,
-    ahead) runs the model on versions (B, m, bs) of the blocks (block_pass): m = 1 and no lookahead unless
-    a rule drafts. Returns (B,) the block rows each row ran (0: it drew nothing; a bool when no row drafts).
-    Without drafts it compiles (compile_sampler)."""
-    B, bs = xb.shape
-    drawing = masked.any(-1)
-    c = model.cond(masked.sum(-1) / bs if model.config.time_conditioning else None, B)   # t: the masked fraction
-    versions, c_versions, drafts, n_rows, ahead = xb[:, None], c, {}, 1, None
-    if state is not None:                     # drafting rules only: their verify rows (speculative.py, imported last)
-        versions, c_versions, drafts, n_rows, ahead = speculative.verify_rows(model, xb, masked, uniform, u_token,
-                                                                              state, sampling, c, generator)
-    h = forward(versions, c_versions, ahead)                                        # (B, m, bs, D)
-    for i, (rule, order, rows) in enumerate(sampling.rules):
-        take = (lambda t: t) if rows is None else (lambda t: t[rows])          # this group's rows
-        p = Proposal(model, take(h[:, 0]), take(masked), take(uniform), take(u_token), sampling, rows, order,
-                     None if c is None else take(c))
-        if i in drafts:                                                   # drafting rules only
-            p.draft = drafts[i]
-            p.versions = take(h), None if c_versions is None else take(c_versions.view(B, -1, c.shape[-1]))
-        out = rule(p, take(sampling.knob))
-        reveal, tokens, keep = out if isinstance(out, tuple) else (out, None, None)
-        reveal = reveal & p.masked                               # a rule may name any positions
-        fallback = p.leading & ~reveal.any(-1, keepdim=True)     # progress: a row that revealed nothing
-        reveal = reveal | fallback
-        # The revealed positions take tokens drawn from p.law (where a rule drew its own, only the fallback).
-        new = take(xb) if tokens is None else torch.where(reveal, tokens, take(xb))
-        put = (lambda t, v: t.copy_(v)) if rows is None else (lambda t, v: t.index_put_((rows,), v))
-        put(xb, p.fill(reveal if tokens is None else fallback, new))
-        put(masked, take(masked) ^ reveal)                                   # reveal lies in masked
-        if keep is not None:                                      # (a row that drew nothing keeps its own)
-            put(state, torch.where(take(drawing)[:, None, None], keep.to(state.dtype), take(state)))
-    return drawing * n_rows if drafts else drawing
+def denoise_block(model, x, lo, masked, cache, s, generator):
+    """Alg. 2's inner loop: denoise the block at lo..lo + block_size of x (B, T), masked (B, bs) where it is
+    still masked, one model call at a time until nothing is; returns its tokens (B, bs)."""
+    xb = x[:, lo:lo + model.config.block_size].clone()
+    uniform = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)  # random order
+    while masked.any():
+        u = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)   # this call's draws
+        p = Proposal(block_logits(model, x, xb, lo, masked, cache), masked, uniform, u, s)
+        reveal = s.rule(p, s.knob) & masked
+        reveal |= p.leading & ~reveal.any(-1, keepdim=True)         # progress: a row that revealed nothing
+        xb = torch.where(reveal, p.tokens, xb)
+        masked = masked & ~reveal
+    return xb
 
 
-def lazy(fn):
-    """A property computed on first use, then kept (cached_property without the lock torch.compile can't trace)."""
-    def get(self):
-        if fn.__name__ not in self.__dict__:
-            self.__dict__[fn.__name__] = fn(self)
-        return self.__dict__[fn.__name__]
-    return property(get, doc=fn.__doc__)
+def block_logits(model, x, xb, lo, masked, cache):
+    """One model call: logits (B, bs, V) of the noisy block xb at positions lo.. given the clean prefix of x,
+    from the KV cache, or without one from the prefix's tokens (its receptive field: n_layers windows)."""
+    cfg, bs = model.config, model.config.block_size
+    c = model.cond(masked.sum(-1) / bs, len(xb))                     # t: the block's masked fraction (if used)
+    if cache is not None:
+        h = model.transformer(xb, torch.arange(lo, lo + bs, device=x.device), c, cache.attend)
+    else:
+        start = max(0, lo - cfg.n_layers * (cfg.model_length - bs))
+        positions = torch.arange(start, lo + bs, device=x.device)
+        h = model.hidden(torch.cat([x[:, start:lo], xb], 1), c, positions)[:, -bs:]
+    return model.output_layer(h, None if c is None else c[:, None])
+
+
+class KVCache:
+    """The keys and values of the clean prefix, per layer (B, H, T, head_dim): the last model_length -
+    block_size positions, all that a block may see (the sliding window). Grows by concatenation."""
+
+    def __init__(self, model):
+        self.k, self.v = [None] * model.config.n_layers, [None] * model.config.n_layers
+        self.keep = model.config.model_length - model.config.block_size
+
+    def attend(self, layer, q, k, v):
+        """A noisy block's attention: to the cached prefix, and both ways inside the block."""
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def write(self, model, x, lo):
+        """Run clean blocks x (B, T) at positions lo.. at t = 0 and keep their keys: each block sees the blocks
+        before it in the window (block_causal_mask_mod over absolute positions)."""
+        n = 0 if self.k[0] is None else self.k[0].shape[2]
+        q, kv = torch.arange(lo, lo + x.shape[1], device=x.device), torch.arange(lo - n, lo + x.shape[1], device=x.device)
+        mask = block_causal_mask_mod(q[:, None], kv[None], model.config.block_size, model.config.model_length)
+
+        def attend(layer, q_, k, v):
+            if self.k[layer] is not None:
+                k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+            self.k[layer], self.v[layer] = k[:, :, max(k.shape[2] - self.keep, 0):], v[:, :, max(v.shape[2] - self.keep, 0):]
+            return F.scaled_dot_product_attention(q_, k, v, attn_mask=mask)
+        model.transformer(x, q, model.cond(None, len(x)), attend)
 
 
 class Proposal:
-    """What one model call proposes for a batch of blocks: the fields an unmasking rule reads.
+    """What one model call proposes for a batch of blocks: all an unmasking rule reads. (B, bs) unless noted.
+      masked      bool      positions still masked
+      uniform               U[0, 1), drawn once per block: a uniformly random order of its positions
+      probs       (B, bs, V) p_theta at temperature 1, float64 (the mask token excluded: SUBS)
+      law         (B, bs, V) what tokens are drawn from: p_theta at the temperature (0: all mass on the
+                            most likely token), then nucleus filtering to top_p
+      tokens                the token proposed at each position, drawn from law with this call's uniforms
+      confidence, entropy   probs of the proposed token; the entropy of probs
+      priority              the rule's order as a score, higher first ('uniform', 'confidence', 'entropy')
+      leading     bool      the first masked position in that order
+    The engine computes the same fields only where a rule reads them (docs/sampling.md)."""
 
-      masked      (B, bs) bool     positions still masked
-      uniform     (B, bs)          i.i.d. U[0, 1), drawn once per block: a uniformly random order
-      probs       (B, bs, V)       p_theta at each position (temperature 1, before nucleus; float64)
-      confidence  (B, bs)          p_theta (temperature 1) of the token proposed there (drawn from the row's law)
-      entropy     (B, bs)          entropy of p_theta there
-      priority    (B, bs)          the call's order as a score, higher first
-      leading     (B, bs) bool     the first masked position in that order (none in a row without one)
-      law(where)  (N, V)           the law a token is drawn from at positions `where`: the row's temperature
-                                   and top_p applied to p_theta
-
-    Computed on first use, at masked positions only (every position under torch.compile): first-hitting,
-    which reads none, projects only the positions it reveals. Built from the hidden states (B, bs, D),
-    u_token (each position's token uniform), c (the conditioning), the Sampling and its rows (None: all);
-    a drafting rule also gets p.draft and p.versions (docs/sampling.md)."""
-
-    def __init__(self, model, hidden, masked, uniform, u_token, sampling, rows, order, c=None):
-        self.model, self.hidden, self.masked, self.uniform, self.u_token = model, hidden, masked, uniform, u_token
-        self.sampling, self.rows, self.order, self.c = sampling, rows, order, c
-
-    def law(self, where, logits=None):
-        """The law (N, V) a token is drawn from at `where`: p_theta (mask token excluded, SUBS) at the row's
-        temperature (0 = all mass on the most likely token) and top_p, float64. (logits: p_theta's logits
-        there, when already projected.)"""
-        logits = self._logits(where) if logits is None else logits
-        s = self.sampling
-        rows = where[0] if self.rows is None else self.rows[where[0]]
-        if s.any_scaled:
-            temperature = s.temperature[rows]
-            logits = logits / torch.where(temperature == 0, 1.0, temperature)[:, None]
-        probs = logits.softmax(-1)
-        if s.any_greedy:
-            one_hot = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-            probs = torch.where(s.greedy[rows][:, None], one_hot, probs)
-        return nucleus(probs, s.top_p[rows][:, None], s.nucleus) if s.any_nucleus else probs
-
-    def fill(self, reveal, xb):
-        """A copy of the tokens xb (B, bs) with the proposed tokens written where `reveal`: each position's
-        token is drawn from law() with its own uniform, so projecting only the revealed positions gives the
-        same tokens as projecting all."""
-        if '_at_masked' in self.__dict__ or torch.compiler.is_compiling():
-            return torch.where(reveal, self._full(self._at_masked[2], 0), xb)
-        where = reveal.nonzero(as_tuple=True)
-        return xb.index_put(where, sample_categorical(self.law(where), self.u_token[where]))
-
-    def _logits(self, where):
-        c = None if self.c is None else self.c[where[0]]
-        logits = self.model.output_layer(self.hidden[where], c).double()
-        logits.select(-1, self.model.config.mask_id).fill_(-math.inf)
-        return logits
-
-    @lazy
-    def _at_masked(self):
-        # every masked position: where, log p_theta (N, V), the proposed token (N,). Under torch.compile,
-        # every position instead: fixed shapes, one graph (the values at unmasked positions are unused).
-        if torch.compiler.is_compiling():
-            B, bs = self.masked.shape
-            rows = torch.arange(B, device=self.masked.device)
-            where = rows.repeat_interleave(bs), torch.arange(bs, device=rows.device).repeat(B)
-        else:
-            where = self.masked.nonzero(as_tuple=True)
-        logits = self._logits(where)
-        return where, logits.log_softmax(-1), sample_categorical(self.law(where, logits), self.u_token[where])
-
-    def _full(self, values, fill=0.0):
-        out = torch.full(self.masked.shape + values.shape[1:], fill, dtype=values.dtype, device=values.device)
-        out[self._at_masked[0]] = values
-        return out
-
-    @lazy
-    def probs(self):
-        return self._full(self._at_masked[1].exp())
-
-    @lazy
-    def confidence(self):
-        _, log_p, token = self._at_masked
-        return self._full(log_p.gather(-1, token[:, None]).squeeze(-1).exp())
-
-    @lazy
-    def entropy(self):
-        log_p = self._at_masked[1]
-        return self._full(-(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1))
-
-    @lazy
-    def priority(self):
-        return {'uniform': lambda: self.uniform, 'confidence': lambda: self.confidence,
-                'entropy': lambda: -self.entropy}[self.order]()
-
-    @lazy
-    def leading(self):
-        first_in_order = torch.where(self.masked, self.priority, -math.inf).argmax(-1, keepdim=True)
-        return self.masked & torch.zeros_like(self.masked).scatter_(-1, first_in_order, True)
+    def __init__(self, logits, masked, uniform, u, s):
+        logits = logits.double()
+        logits[..., s.mask_id] = -math.inf
+        log_p = logits.log_softmax(-1)
+        self.masked, self.uniform, self.probs = masked, uniform, log_p.exp()
+        self.law = tempered(logits, s.temperature, s.top_p, s.nucleus)
+        self.tokens = sample_categorical(self.law, u)
+        self.confidence = self.probs.gather(-1, self.tokens[..., None]).squeeze(-1)
+        self.entropy = -(self.probs * log_p.nan_to_num(neginf=0.0)).sum(-1)
+        self.priority = {'uniform': uniform, 'confidence': self.confidence, 'entropy': -self.entropy}[s.order]
+        self.leading = leading(self.priority, masked)
 
 # --- Unmasking rules ------------------------------------------------------------
 #
-# A rule is a function rule(p, knob) -> reveal: p the call's Proposal, knob (B,) float64 the rows' setting,
-# reveal (B, bs) bool the masked positions to reveal; the sampler draws their tokens from p.law, and a row
-# that reveals nothing reveals its first masked position in the order (progress is the sampler's job).
-# Register it in RULES (generate, sample.py --rule and serve.py then take it by name); its optional
-# attributes (knob, order, orders, draft) are the rule contract in docs/sampling.md.
-
-ORDERS = ('uniform', 'confidence', 'entropy')
+# rule(p, knob) -> reveal: p the call's Proposal, knob (B,) float64 the rows' setting, reveal (B, bs) bool the
+# masked positions to reveal (their tokens: p.tokens). A row that reveals nothing reveals p.leading. Register
+# a rule in RULES; optional attributes: rule.knob (its range; None: it takes none), rule.order (its default
+# order), rule.orders (the orders it accepts).
 
 
 def first_hitting(p, knob):
     # One masked position per call, uniformly at random (Zheng et al. 2024): the first in the block's random
-    # order (p.uniform, drawn once per block). The exact sampler of the model's own law, one call per token.
+    # order. The exact sampler of the model's own law, one call per token.
     return p.leading
 
 
 def steps(p, K):
-    # K ancestral steps on the loglinear grid t = 1, 1 - 1/K, ..., 1/K: a masked token is revealed at step i
-    # with probability 1/(K - i), i.e. each position's reveal step is uniform over the K steps, independent
-    # of the others. Drawn once per block as floor(u K); a call jumps to the next step that reveals anything,
-    # so a block costs at most block_size calls whatever K is (steps that reveal nothing change nothing).
+    # K ancestral steps on the loglinear grid t = 1, 1 - 1/K, ..., 1/K: each position's reveal step is uniform
+    # over the K steps, independently, drawn once per block as floor(u K); a call jumps to the next step that
+    # reveals anything (steps that reveal nothing change nothing), so a block costs at most block_size calls.
     step = (p.uniform * K[:, None]).floor()
     return p.masked & (step == step.masked_fill(~p.masked, math.inf).amin(-1, keepdim=True))
 
 
 def threshold(p, tau):
-    # Fast-dLLM (Wu et al. 2025): every masked position whose confidence is >= tau; if none is, the most
-    # confident one (the sampler's fallback).
+    # Fast-dLLM (Wu et al. 2025): every masked position whose confidence is >= tau (none: the most confident).
     return p.masked & (p.confidence >= tau[:, None])
 
 
 def entropy_bound(p, gamma):
-    # The EB-sampler (Ben-Hamu et al. 2025): the longest prefix of the masked positions in order (lowest
-    # entropy first) whose entropies sum to at most gamma plus the largest of them: sum H - max H <= gamma.
+    # The EB-sampler (Ben-Hamu et al. 2025): the longest prefix of the masked positions, lowest entropy
+    # first, whose entropies sum to at most gamma plus the largest of them: sum H - max H <= gamma.
     ranked = p.priority.masked_fill(~p.masked, -math.inf).argsort(-1, descending=True)
     h = p.entropy.gather(-1, ranked).masked_fill(~p.masked.gather(-1, ranked), math.inf)
-    n = (h.cumsum(-1) - h.cummax(-1).values <= gamma[:, None]).sum(-1)
-    return first(p.priority, p.masked, n)
+    return first(p.priority, p.masked, (h.cumsum(-1) - h.cummax(-1).values <= gamma[:, None]).sum(-1))
 
 
 def tokens_per_call(p, k):
-    # LLaDA's low-confidence remasking: the k most confident masked positions (first k in the order).
+    # LLaDA's low-confidence remasking: the k most confident masked positions (the first k in the order).
     return first(p.priority, p.masked, k)
 
 
@@ -953,6 +851,12 @@ def first(priority, masked, n):
     return masked & (rank < n.view(-1, 1))
 
 
+def leading(priority, masked):
+    """The first masked position of each row in the order `priority` (B, bs), as a (B, bs) bool."""
+    top = priority.masked_fill(~masked, -math.inf).argmax(-1, keepdim=True)
+    return masked & torch.zeros_like(masked).scatter_(-1, top, True)
+
+
 first_hitting.knob, first_hitting.order, first_hitting.orders = None, 'uniform', ('uniform',)
 steps.knob, steps.order = (1, math.inf), 'uniform'
 threshold.knob = (0.0, 1.0)
@@ -960,169 +864,37 @@ entropy_bound.knob, entropy_bound.order = (0.0, math.inf), 'entropy'
 tokens_per_call.knob = (1, math.inf)
 RULES = {'first_hitting': first_hitting, 'steps': steps, 'threshold': threshold,
          'entropy_bound': entropy_bound, 'tokens_per_call': tokens_per_call}
-# speculative.py adds RULES['speculative'] when imported (at the end of this file).
+ORDERS = ('uniform', 'confidence', 'entropy')
 
-# --- The KV cache and the passes that use it ---------------------------------------
-
-class KVCache:
-    """Keys and values of each row's clean blocks, one buffer per layer, preallocated once.
-
-    Row r's buffer is a ring of `window` = model_length positions: position i lives at i % window. A block
-    denoised alone writes its keys where it will live once clean (where the block leaving the sliding window
-    was) and attends to the ring in place. A pass that also carries a finished block, verify rows or
-    lookahead rows gives each pass row a copy of its ring instead, so the finished block still sees the
-    oldest block of its window. Keys carry rotary at absolute positions; rows may sit at different blocks
-    (engine.py). Before each pass plan() says which rows run where; update() then runs once per layer."""
-
-    def __init__(self, model, n_rows, device):
-        cfg = model.config
-        shape = (cfg.n_layers, n_rows, cfg.n_heads, cfg.model_length, cfg.hidden_dim // cfg.n_heads)
-        dtype = model.vocab_embed.embedding.dtype
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size, self.window = cfg.block_size, cfg.model_length
-
-    def plan(self, starts, rows=None, write=None, static=False, sees=None):
-        """The next pass: pass row i is a block at positions starts[i]..+block_size (host ints) of cache row
-        rows[i] (default i). Without `rows`, every pass row writes its keys into its ring and attends to it.
-        With `rows` (a finished block beside the next, verify rows) only the pass rows where `write` is True
-        write into the ring, each attending to a copy of its ring with its own keys in it (and with sees =
-        {i: j}, pass row j's too: a lookahead row). Returns the positions (P, bs) or (bs,). static: the same
-        shapes whatever the positions (the whole ring, masked), as a compiled call needs."""
-        bs, device = self.block_size, self.k.device
-        n_keys = self.window if static else min(max(starts) + bs, self.window)     # no slot past it is written yet
-        if rows is None and len(set(starts)) == 1 and not static:   # every row at the same block: slices
-            self._plan = 'shared', starts[0] % self.window, n_keys
-            return torch.arange(starts[0], starts[0] + bs, device=device)
-        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(bs, device=device)   # (P, bs)
-        slots = positions % self.window
-        mask = None                                                 # rows whose ring is not full yet see less
-        if min(starts) + bs < n_keys or static:
-            mask = (torch.arange(n_keys, device=device) < positions[:, -1:] + 1)[:, None, None]   # (P, 1, 1, n_keys)
-        if rows is not None:
-            rows = torch.tensor(rows, device=device)
-            write = torch.tensor([i for i, w in enumerate(write) if w], dtype=torch.long, device=device)
-        sees = [torch.tensor(list(side), device=device) for side in zip(*sees.items())] if sees else None
-        self._plan = 'rows', rows, write, slots, n_keys, mask, sees
-        return positions
-
-    def update(self, layer, k, v):
-        """Write the pass's keys and values (P, H, bs, head_dim) as planned; return the keys and values to
-        attend to and an attention mask (None: every key returned is valid)."""
-        K, V = self.k[layer], self.v[layer]
-        P = k.shape[0]
-        if self._plan[0] == 'prefill':                              # keep the last window's keys
-            _, row, start, keep, mask = self._plan                  # pass positions start.., kept from keep
-            slots = torch.arange(keep, start + k.shape[2], device=k.device) % self.window
-            keep -= start
-            K[row:row + P, :, slots], V[row:row + P, :, slots] = k[:, :, keep:], v[:, :, keep:]
-            return k, v, mask
-        if self._plan[0] == 'shared':
-            _, start, n_keys = self._plan
-            K[:P, :, start:start + self.block_size], V[:P, :, start:start + self.block_size] = k, v
-            return K[:P, :, :n_keys], V[:P, :, :n_keys], None
-        _, rows, write, slots, n_keys, mask, sees = self._plan
-        i = torch.arange(P, device=k.device)[:, None]
-        if rows is None:                                            # rows at different blocks
-            K[i, :, slots], V[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
-            return K[:P, :, :n_keys], V[:P, :, :n_keys], mask
-        w = rows[write][:, None]
-        K[w, :, slots[write]], V[w, :, slots[write]] = k[write].transpose(1, 2), v[write].transpose(1, 2)
-        keys, values = K[rows, :, :n_keys], V[rows, :, :n_keys]      # copies: each pass row adds its own keys
-        keys[i, :, slots], values[i, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
-        if sees is not None:
-            at, of = sees[0][:, None], sees[1]
-            keys[at, :, slots[of]], values[at, :, slots[of]] = k[of].transpose(1, 2), v[of].transpose(1, 2)
-        return keys, values, mask
-
-    def move(self, src, dst):
-        """Row src's keys now live in row dst (engine.py keeps its rows in the first slots)."""
-        self.k[:, dst], self.v[:, dst] = self.k[:, src], self.v[:, src]
+# --- Drawing tokens and stopping ------------------------------------------------
 
 
-def block_pass(model, x, starts, cache, finished=None, static=False):
-    """forward(versions, c, ahead=None) for the blocks at starts (B,) (host ints) of x (B, T): versions
-    (B, m, bs) of each row's block (and verify rows) -> hidden states (B, m, bs, D); with ahead (B,) (a
-    drafting rule's lookahead) row r also runs its next block, masked, after its version ahead[r] (-1:
-    none), returned as version m (zeros without). With a cache: one pass over the cached prefix, which also
-    writes finished = (rows, tokens (K, bs)), those rows' blocks just before theirs, at t = 0; planned here
-    (static: fixed shapes, for a compiled call). Without: the pass over the block's receptive field under
-    the banded mask (n_layers windows back: exact, affordable for long uncached text); rows at one block."""
-    bs, B, mask_id = model.config.block_size, len(starts), model.config.mask_id
-
-    def lookahead(ahead, m):    # the rows that run one, and the (flat) version each one follows
-        a = [] if ahead is None else list(enumerate(ahead.tolist()))
-        return [r for r, n in a if n >= 0], [r * m + n for r, n in a if n >= 0]
-
-    def attach(h, rows, h_ahead):
-        if rows:
-            h = torch.cat([h, torch.zeros_like(h[:, :1])], 1)
-            h[rows, -1] = h_ahead
-        return h
-
-    if cache is None:
-        lo = starts[0]
-        start = max(0, lo - model.config.n_layers * (model.config.model_length - bs))
-
-        def uncached(versions, c, ahead=None):     # (with a lookahead every row also runs its next block)
-            (_, m, _), (rows, after) = versions.shape, lookahead(ahead, versions.shape[1])
-            tail = [torch.full_like(versions, mask_id)] if rows else []
-            tokens = torch.cat([x[:, None, start:lo].expand(-1, m, -1), versions] + tail, -1).flatten(0, 1)
-            h = model.hidden(tokens, c, torch.arange(start, start + tokens.shape[1], device=x.device))
-            return attach(h[:, lo - start:lo - start + bs].unflatten(0, (B, m)), rows, h[after, lo - start + bs:])
-        return uncached
-
-    def plan(m, ahead=((), ())):    # the pass's rows: m versions of each block, lookahead rows, finished blocks
-        rows, at = [r for r in range(B) for _ in range(m)], [s for s in starts for _ in range(m)]
-        sees = {B * m + i: j for i, j in enumerate(ahead[1])}
-        rows, at = rows + list(ahead[0]), at + [starts[r] + bs for r in ahead[0]]
-        write = [False] * len(rows)
-        if finished is not None:
-            writers = finished[0]
-            rows, at, write = rows + writers, at + [starts[r] - bs for r in writers], write + [True] * len(writers)
-        mapped = finished is not None or m > 1 or bool(sees)    # (unmapped, every pass row writes its keys)
-        return cache.plan(at, rows if mapped else None, write if mapped else None, static, sees)
-
-    positions = plan(1)     # planned now, outside any compiled call (verify rows re-plan in the call)
-    c_clean = None if finished is None else model.cond(None, len(finished[0]))    # clean: t = 0
-
-    def cached(versions, c, ahead=None):
-        m, (rows, after) = versions.shape[1], lookahead(ahead, versions.shape[1])
-        tokens, cs = [versions.flatten(0, 1)], [c]      # c itself, no copy, where it is all: transformer knows it
-        if rows:
-            tokens, cs = tokens + [versions.new_full((len(rows), bs), mask_id)], cs + [c if c is None else c[after]]
-        if finished is not None:
-            tokens, cs = tokens + [finished[1]], cs + [c_clean]
-        h = model.transformer(torch.cat(tokens), plan(m, (rows, after)) if m > 1 or rows else positions, None,
-                              c if c is None or len(cs) == 1 else torch.cat(cs), cache)
-        return attach(h[:B * m].unflatten(0, (B, m)), rows, h[B * m:B * m + len(rows)])
-    return cached
+def tempered(logits, temperature, top_p, rule='standard'):
+    """The law (..., V) tokens are drawn from: softmax(logits / temperature) (0: all mass on the argmax),
+    then nucleus filtering to top_p."""
+    if temperature == 0:
+        probs = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+    else:
+        probs = (logits / temperature if temperature != 1 else logits).softmax(-1)
+    return probs if top_p >= 1 else nucleus(probs, top_p, rule)
 
 
-COMPILED_STEP = None
+def nucleus(probs, top_p, rule='standard'):
+    """Nucleus filtering of probs (..., V) to top_p (a number, or a tensor broadcastable to probs[..., :1]).
+    'standard': keep the smallest set of most likely tokens whose mass reaches top_p; 'bd3lms': keep tokens
+    while the cumulative mass stays <= top_p (drop the one crossing it). Both keep the most likely token."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass, total = sorted_p.cumsum(-1), top_p * sorted_p.sum(-1, keepdim=True)
+    keep_sorted = (mass - sorted_p) < total if rule == 'standard' else mass <= total
+    keep_sorted[..., 0] = True
+    cut = probs * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return cut / cut.sum(-1, keepdim=True)
 
 
-def compile_sampler(**options):
-    """Compile denoise_step for the cached calls of rules that do not draft: fullgraph, fixed shapes (one
-    graph per block size and kind of call: a block's first call also carries the finished block), every
-    position projected to the vocabulary. generate uses it from then on. options go to torch.compile:
-    mode='reduce-overhead' captures CUDA graphs. compile_sampler(disable=True) goes back to eager."""
-    global COMPILED_STEP
-    COMPILED_STEP = None if options.pop('disable', False) else \
-        torch.compile(denoise_step, fullgraph=True, dynamic=False, **options)
-
-
-@torch.no_grad()
-def prefill(model, cache, x, row=0):
-    """Write the clean blocks x (B, T) (T a multiple of block_size) into cache rows row..row+B-1 in one
-    pass: the pass over the receptive field of the last window's keys, under the block-causal banded mask
-    (the uncached pass), keeping the keys of positions max(0, T - window)..T-1."""
-    bs, window = model.config.block_size, model.config.model_length
-    B, T = x.shape
-    keep = max(0, T - window)
-    start = max(0, keep - model.config.n_layers * window) // bs * bs
-    mask = model.attention_mask('infer', T - start)[0]
-    cache._plan = 'prefill', row, start, keep, mask
-    model.transformer(x[:, start:], torch.arange(start, T, device=x.device), None, model.cond(None, B), cache)
+def sample_categorical(probs, u):
+    """Inverse-CDF draws from probs (..., V) with uniforms u (...): reproducible on any device."""
+    cdf = probs.cumsum(-1)
+    return (cdf < u[..., None] * cdf[..., -1:]).sum(-1)      # the first token whose cdf reaches u * total
 
 
 def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
@@ -1140,46 +912,6 @@ def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
             x[r, cut:] = eos_id
         done[r] = cut is not None or row_end == lengths[r]    # stopped, or at its length
 
-# --- Drawing tokens ----------------------------------------------------------
-
-NUCLEUS_RULES = ('standard', 'bd3lms')
-
-
-def nucleus(probs, top_p, rule='standard'):
-    """Nucleus filtering of probs (..., V). 'standard': keep the smallest set of most likely tokens whose
-    mass reaches top_p. 'bd3lms': keep tokens while the cumulative mass stays <= top_p, i.e. drop the token
-    that crosses it (bd3lms' rule). Both keep the most likely token. top_p: a number, or a tensor
-    broadcastable to probs[..., :1] (one value per row); rows with top_p = 1 are returned unchanged."""
-    if not torch.compiler.is_compiling() and bool((torch.as_tensor(top_p) >= 1.0).all()):
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass, total = sorted_p.cumsum(-1), top_p * sorted_p.sum(-1, keepdim=True)
-    keep_sorted = (mass - sorted_p) < total if rule == 'standard' else mass <= total
-    keep_sorted[..., 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    cut = probs * keep
-    return torch.where(torch.as_tensor(top_p, device=probs.device) >= 1, probs, cut / cut.sum(-1, keepdim=True))
-
-
-def rand(shape, generator, device, rows=None):
-    """U[0, 1) float64 draws of `shape` = (B, ...). generator: one torch.Generator for the batch, or a list
-    of B, one per row, so that a row's draws never depend on which other rows share the batch (a server
-    batches requests that each carry a seed). With a list only the rows that are True somewhere in `rows`
-    (B, ...) bool draw; the others get zeros and their generators do not advance."""
-    if not isinstance(generator, (list, tuple)):
-        return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-    out = torch.zeros(shape, device=device, dtype=torch.float64)
-    rows = None if rows is None else rows.reshape(shape[0], -1).any(-1)
-    for r in (range(shape[0]) if rows is None else rows.nonzero().flatten().tolist()):
-        out[r] = torch.rand(shape[1:], generator=generator[r], device=device, dtype=torch.float64)
-    return out
-
-
-def sample_categorical(probs, u):
-    """Inverse-CDF draws from probs (..., V) with uniforms u (...): reproducible on any device."""
-    cdf = probs.cumsum(-1)
-    return (cdf < u[..., None] * cdf[..., -1:]).sum(-1)      # the first token whose cdf reaches u * total
-
 
 def unigram_entropy(tokens):
     """Entropy (nats) of the token frequencies in `tokens`: bd3lms' degeneracy measure."""
@@ -1188,89 +920,84 @@ def unigram_entropy(tokens):
     return float(-(p * p.log()).sum())
 
 # -----------------------------------------------------------------------------
-# 8. Argument checks: every sampler setting checked once, before anything runs, with one-line errors
+# 8. Checks: every sampler argument checked before anything runs, each with a one-line error
 
-class Sampling:
-    """How a batch of rows samples: each row's unmasking rule, knob and order, temperature and top_p (what
-    a row draws never depends on its batch mates). Each argument: one value, or one per row (B rows)."""
-
-    def __init__(self, B, device, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
-                 nucleus='standard'):
-        one_per_row = lambda v, many: list(v.tolist() if isinstance(v, torch.Tensor) else v) if isinstance(v, many) else [v] * B
-        names, orders = one_per_row(rule, (list, tuple)), one_per_row(order, (list, tuple))
-        knobs = one_per_row(knob, (list, tuple, torch.Tensor))
-        if not len(names) == len(orders) == len(knobs) == B:
-            raise ValueError(f'rule, knob and order take one value or one per row ({B} rows)')
-        groups = {}                                          # (rule, order) -> the rows that use them
-        for r, (name, o, k) in enumerate(zip(names, orders, knobs)):
-            fn = RULES.get(name) if isinstance(name, str) else None
-            if fn is None:
-                raise ValueError(f'rule must be one of {sorted(RULES)} (bd3lm.RULES), got {name!r}')
-            o = o or getattr(fn, 'order', 'confidence')
-            if o not in getattr(fn, 'orders', ORDERS):
-                raise ValueError(f'order must be one of {getattr(fn, "orders", ORDERS)} for rule {name!r}, got {o!r}')
-            spec = getattr(fn, 'knob', ...)                  # ...: no range declared
-            if spec is None or (spec is ... and k is None):
-                if k is not None:
-                    raise ValueError(f'knob: rule {name!r} takes no knob, got {k!r}')
-                k = 0.0
-            else:
-                low, high = (-math.inf, math.inf) if spec is ... else spec
-                integer = isinstance(low, int)
-                if not (isinstance(k, int if integer else (int, float)) and not isinstance(k, bool) and low <= k <= high):
-                    raise ValueError(f'knob: rule {name!r} needs a knob that is {"an integer" if integer else "a number"} '
-                                     f'in [{low}, {high}], got {k!r}')             # NaN fails low <= k too
-            knobs[r] = float(k)
-            groups.setdefault((name, o), []).append(r)
-        self.knob = torch.tensor(knobs, dtype=torch.float64, device=device)
-        self.groups = {key: None if len(rows) == B else torch.tensor(rows, device=device) for key, rows in groups.items()}
-        # (rule, order, its rows or None for all): what denoise_step loops over
-        self.rules = [(RULES[name], o, rows) for (name, o), rows in self.groups.items()]
-        self.drafting = any(hasattr(rule, 'draft') for rule, _, _ in self.rules)   # some row runs verify rows
-        for name, value, ok, what in (('temperature', temperature, lambda v: v >= 0, '>= 0 (0 = greedy)'),
-                                      ('top_p', top_p, lambda v: 0 < v <= 1, 'in (0, 1]')):
-            values = one_per_row(value, (list, tuple, torch.Tensor))
-            if len(values) != B or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise ValueError(f'{name} must be one number or one per row ({B} rows), got {value!r}')
-            if not all(ok(v) for v in values):
-                raise ValueError(f'{name} must be {what}, got {value!r}')
-            setattr(self, name, torch.tensor(values, dtype=torch.float64, device=device))
-        if nucleus not in NUCLEUS_RULES:
-            raise ValueError(f'nucleus must be one of {NUCLEUS_RULES}, got {nucleus!r}')
-        self.nucleus = nucleus
-        # Decided once, not per model call: which of temperature, greedy rows and nucleus are in play.
-        self.greedy = self.temperature == 0
-        self.any_greedy, self.any_scaled = bool(self.greedy.any()), bool((self.temperature != 1).any())
-        self.any_nucleus = bool((self.top_p < 1).any())
+def scalar(value):
+    """A 0-d tensor as the Python number it holds; anything else as it is."""
+    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
 
 
-def check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator, eos_id):
-    """generate's arguments checked: -> (Sampling, lengths (B,) each row's end, eos_id)."""
-    cfg = model.config
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] == 0 or idx.is_floating_point():
-        raise ValueError(f'idx must be a (B, P) tensor of prompt ids with P >= 1 (start it with the model\'s '
-                         f'BOS, config.bos_id = {cfg.bos_id})')
-    B, P = idx.shape
-    device = model.vocab_embed.embedding.device
-    sampling = Sampling(B, device, rule, knob, order, temperature, top_p, nucleus)
-    new = max_new_tokens.tolist() if isinstance(max_new_tokens, torch.Tensor) else max_new_tokens
-    new = list(new) if isinstance(new, (list, tuple)) else [new] * B
-    if len(new) != B or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in new):
-        raise ValueError(f'max_new_tokens must be a positive integer, or one per row ({B} rows), got {max_new_tokens!r}')
-    if isinstance(generator, (list, tuple)) and len(generator) != B:
-        raise ValueError(f'a list of generators needs one per row: {len(generator)} for {B} rows')
-    if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size:
-        raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}]')
-    if (idx == cfg.mask_id).any():
-        raise ValueError(f'the prompt contains the mask id {cfg.mask_id}; prompts must be clean tokens')
-    total = P + max(new)
-    if cfg.block_size == cfg.model_length and total > cfg.model_length:
-        # With one block per context, a block past the context would see no earlier block at all.
-        raise ValueError(f'this model is MDLM-like (block_size = model_length = {cfg.model_length}), so it generates '
-                         f'at most {cfg.model_length} tokens including the prompt ({P} + {total - P} asked); '
+def is_number(value, kind=(int, float)):
+    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_rule(rule, knob, order, rules=None):
+    """One row's rule name, knob and order -> (the rule, its order, its knob as a float)."""
+    rules = RULES if rules is None else rules
+    fn = rules.get(rule) if isinstance(rule, str) else None
+    if fn is None:
+        raise ValueError(f'rule must be one of {sorted(rules)}, got {rule!r}')
+    order = order or getattr(fn, 'order', 'confidence')
+    if order not in getattr(fn, 'orders', ORDERS):
+        raise ValueError(f'order must be one of {getattr(fn, "orders", ORDERS)} for rule {rule!r}, got {order!r}')
+    knob, spec = scalar(knob), getattr(fn, 'knob', ...)              # ...: the rule declares no range
+    if spec is None or (spec is ... and knob is None):
+        if knob is not None:
+            raise ValueError(f'knob: rule {rule!r} takes no knob, got {knob!r}')
+        return fn, order, 0.0
+    low, high = (-math.inf, math.inf) if spec is ... else spec
+    integer = isinstance(low, int)
+    if not ((is_number(knob, int if integer else (int, float)) or knob == math.inf) and low <= knob <= high):
+        raise ValueError(f'knob: rule {rule!r} needs a knob that is {"an integer" if integer else "a number"} in '
+                         f'[{low}, {high}], got {knob!r}')
+    return fn, order, float(knob)
+
+
+def check_sampling(temperature, top_p, nucleus):
+    """temperature and top_p of one row -> floats."""
+    temperature, top_p = scalar(temperature), scalar(top_p)
+    if not (is_number(temperature) and (temperature == 0 or temperature >= 1e-6)):
+        raise ValueError(f'temperature must be 0 (greedy) or a finite number >= 1e-6, got {temperature!r}')
+    if not (is_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f'top_p must be a number in (0, 1], got {top_p!r}')
+    if nucleus not in ('standard', 'bd3lms'):
+        raise ValueError(f"nucleus must be one of ('standard', 'bd3lms'), got {nucleus!r}")
+    return float(temperature), float(top_p)
+
+
+def check_prompt(model, idx, max_new_tokens, stop_entropy, eos_id):
+    """The prompt and the generation's extent -> (max_new_tokens, eos_id)."""
+    cfg, max_new_tokens = model.config, scalar(max_new_tokens)
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[0] > 0 and idx.shape[1] > 0
+            and not idx.is_floating_point() and not idx.is_complex() and idx.dtype != torch.bool):
+        raise ValueError(f"idx must be a (B, P) integer tensor of prompt ids with B, P >= 1 (start it with the "
+                         f"model's BOS, config.bos_id = {cfg.bos_id}), got {getattr(idx, 'dtype', type(idx))} "
+                         f"of shape {tuple(getattr(idx, 'shape', ()))}")
+    if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size or (idx == cfg.mask_id).any():
+        raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}] and not be the mask id {cfg.mask_id}')
+    if not (is_number(max_new_tokens, int) and max_new_tokens > 0):
+        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
+    if cfg.block_size == cfg.model_length and idx.shape[1] + max_new_tokens > cfg.model_length:
+        raise ValueError(f'this model is MDLM-like (block_size = model_length = {cfg.model_length}): it generates at '
+                         f'most {cfg.model_length} tokens with the prompt ({idx.shape[1]} + {max_new_tokens} asked); '
                          f'lower max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
-    lengths = torch.tensor([P + n for n in new], dtype=torch.long, device=device)
-    return sampling, lengths, cfg.eos_id if eos_id is None else eos_id
+    eos_id, stop_entropy = cfg.eos_id if eos_id is None else scalar(eos_id), scalar(stop_entropy)
+    if not (is_number(eos_id, int) and 0 <= eos_id < cfg.vocab_size and eos_id != cfg.mask_id):
+        raise ValueError(f'eos_id must be a token id in [0, {cfg.vocab_size - 1}] other than the mask id '
+                         f'{cfg.mask_id}, got {eos_id!r}')
+    if stop_entropy is not None and not is_number(stop_entropy):
+        raise ValueError(f'stop_entropy must be a number (nats; the paper uses 4) or None, got {stop_entropy!r}')
+    return max_new_tokens, eos_id
 
 
-import speculative  # noqa: E402,F401  (registers RULES['speculative']; it needs the names above)
+def check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
+                   stop_entropy, eos_id):
+    """generate's arguments -> its settings (rule, knob (B,), order, temperature, top_p, nucleus, ids)."""
+    max_new_tokens, eos_id = check_prompt(model, idx, max_new_tokens, stop_entropy, eos_id)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f'generator must be a torch.Generator or None, got {type(generator).__name__}')
+    fn, order, knob = check_rule(rule, knob, order)
+    temperature, top_p = check_sampling(temperature, top_p, nucleus)
+    return SimpleNamespace(rule=fn, order=order, knob=torch.full((idx.shape[0],), knob, dtype=torch.float64,
+                           device=model.vocab_embed.embedding.device), temperature=temperature, top_p=top_p,
+                           nucleus=nucleus, mask_id=model.config.mask_id, eos_id=eos_id, new=max_new_tokens)

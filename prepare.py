@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 import bd3lm
-import checkpoints
-from tokenizer import Tokenizer, get_tokenizer
+from bd3lm_tools import checkpoints
+from bd3lm_tools.tokenizer import Tokenizer, get_tokenizer
 
 FORMATS = ('plain', 'wrapped')
 

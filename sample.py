@@ -18,14 +18,15 @@ import torch
 from tqdm import tqdm
 
 import bd3lm
-from tokenizer import get_tokenizer
+from bd3lm_tools import engine
+from bd3lm_tools.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'out-demo'  # hub id, HF-layout folder, Lightning .ckpt, or a train.py out_dir
 start = ''              # prompt text, or FILE:path to read it from a file; the model's BOS is always prepended
 num_samples = 1
 max_new_tokens = 256
-rule = 'first_hitting'  # the unmasking rule: a name in bd3lm.RULES (see --help)
+rule = 'first_hitting'  # the unmasking rule: a name in bd3lm.RULES or a drafting rule (see --help)
 knob = None             # its setting: steps K, threshold tau, entropy_bound gamma (nats), tokens_per_call k
 order = None            # the order a rule ranks positions in: 'uniform', 'confidence', 'entropy' (default: the rule's)
 top_p = 0.9             # nucleus sampling
@@ -35,7 +36,8 @@ stop_entropy = None     # e.g. 4.0: stop when the last 256 tokens' unigram entro
 seed = 1337
 device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'          # 'auto' (bfloat16 on CUDA if supported, else float32), 'float32', 'bfloat16', 'float16'
-compile = False         # torch.compile each cached model call (bd3lm.compile_sampler), rules that do not draft
+compile = False         # torch.compile each cached model call (engine.compile_sampler), rules that do not draft
+textbook = False        # sample with bd3lm.generate, the plain Alg. 2 loop: the same text, slower, no call counts
 compile_mode = 'default'  # torch.compile's mode: 'reduce-overhead' captures CUDA graphs on a GPU
 kv_cache = True
 temperature = 1.0       # divides the logits (0 = greedy)
@@ -44,19 +46,24 @@ gen_ppl_stride = 512    # sliding-window stride over the judge's context for lon
 retry_degenerate = False  # bd3lms' fixed-length rule: redraw a sample whose last 256 tokens' unigram entropy
                         # falls below 4 at any block (up to 10 tries)
 out_file = None         # write the samples, gen_ppl, entropy, NFEs and these settings as JSON
-_help = f'unmasking rules (--rule): {", ".join(bd3lm.RULES)}'
+_help = f'unmasking rules (--rule): {", ".join(engine.rules())}'
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
 # Check the settings before loading anything: one line that names the problem and the fix.
 _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+MAX_NEW_TOKENS = 1_000_000  # per sample: far past any use, and the token tensor of every sample fits in memory
 _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a positive integer'),
-           ('max_new_tokens', isinstance(max_new_tokens, int) and max_new_tokens > 0, 'a positive integer'),
+           ('max_new_tokens', isinstance(max_new_tokens, int) and 0 < max_new_tokens <= MAX_NEW_TOKENS,
+            f'a positive integer <= {MAX_NEW_TOKENS:,}'),
            ('top_p', _number(top_p) and 0 < top_p <= 1, 'a number in (0, 1]'),
            ('stop_entropy', stop_entropy is None or _number(stop_entropy), 'None or a number such as 4.0'),
            ('temperature', _number(temperature) and temperature >= 0, 'a number >= 0'),
            ('gen_ppl_stride', isinstance(gen_ppl_stride, int) and gen_ppl_stride > 0, 'a positive integer'),
            ('retry_degenerate', isinstance(retry_degenerate, bool), 'True or False'),
+           ('textbook', isinstance(textbook, bool) and not (textbook and (compile or retry_degenerate or rule not in
+                                                                          bd3lm.RULES)),
+            'True or False; the textbook sampler runs the rules of bd3lm.RULES, without --compile or --retry_degenerate'),
            ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'"),
            ('compile_mode', compile_mode in ('default', 'reduce-overhead', 'max-autotune'),
             "'default', 'reduce-overhead' or 'max-autotune'")]
@@ -64,11 +71,25 @@ for _name, _ok, _what in _checks:
     if not _ok:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
 try:  # the unmasking rule and its knob, checked by the sampler itself
-    bd3lm.Sampling(1, 'cpu', rule, knob, order, nucleus=nucleus)
+    bd3lm.check_rule(rule, knob, order, engine.rules())
+    bd3lm.check_sampling(temperature, top_p, nucleus)
 except ValueError as e:
     raise SystemExit(f'--{e}') from None
-if device.startswith('cuda') and not torch.cuda.is_available():
-    raise SystemExit(f'--device={device}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device=cpu')
+if device != 'auto':    # a device name torch knows, which this machine and this torch build have
+    try:
+        torch.empty(0, device=device)
+    except Exception:
+        raise SystemExit(f'--device={device}: not a device this machine (or this torch build) has; use '
+                         f'--device=auto or --device=cpu') from None
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f'--start={start}: cannot read it as UTF-8 text ({getattr(e, "strerror", None) or e})') from None
+if out_file is not None and not (os.access(os.path.dirname(os.path.abspath(out_file)), os.W_OK)
+                                 and not os.path.isdir(out_file)):
+    raise SystemExit(f'--out_file={out_file}: cannot write a file there (its folder must exist and be writable)')
 
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -82,14 +103,15 @@ try:
 except (ValueError, OSError, ImportError) as e:  # the loader's messages name the problem and the fix
     raise SystemExit(f'--init_from={init_from}: {e}') from None
 if compile:
-    bd3lm.compile_sampler(mode=compile_mode)   # the cached call (model pass + rule + write-back) as one graph per kind of call
+    engine.compile_sampler(mode=compile_mode)   # the cached call (model pass + rule + write-back) as one graph per kind of call
 enc = get_tokenizer(model)  # the model's own: GPT-2 BPE, or the WordPiece vocabulary it carries
-if start.startswith('FILE:'):
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
 prompt = [model.config.bos_id] + enc.encode(start)
-idx = torch.tensor([prompt] * num_samples, device=device)
 cfg = model.config
+if cfg.block_size == cfg.model_length and len(prompt) + max_new_tokens > cfg.model_length:
+    raise SystemExit(f'--max_new_tokens={max_new_tokens}: this model is MDLM-like (block_size = model_length = '
+                     f'{cfg.model_length}), so the prompt ({len(prompt)} tokens with BOS) and the new tokens must fit '
+                     f'in {cfg.model_length}; lower --max_new_tokens or shorten --start')
+idx = torch.tensor([prompt] * num_samples, device=device)
 print(f'{init_from}: block_size={cfg.block_size}, context {cfg.model_length}, '
       f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device} {dtype}', file=sys.stderr)
 
@@ -119,8 +141,22 @@ def degenerate(ids, block_size, window=256, floor=4.0):
     return any(e > window and bd3lm.unigram_entropy(ids[e - window:e]) < floor for e in ends)
 
 
+def textbook_sample(idx, on_block=None):
+    # bd3lm.generate, the plain sampler: its rows' lengths replayed from its stop rules (tokens never change
+    # once written, so the replay cuts where the sampler did); it counts no calls
+    x = bd3lm.generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, kv_cache,
+                       generator, stop_at_eos, stop_entropy, None, on_block)
+    lengths = torch.full((len(x),), x.shape[1], device=x.device)
+    done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for end in range(len(prompt) // cfg.block_size * cfg.block_size + cfg.block_size, x.shape[1] + cfg.block_size,
+                     cfg.block_size):
+        bd3lm.apply_stops(x.clone(), done, lengths, len(prompt), min(end, x.shape[1]), stop_at_eos, stop_entropy,
+                          cfg.eos_id)
+    return x, {'lengths': lengths, 'nfe': None, 'row_nfe': None}
+
+
 t0 = time.perf_counter()
-sample = lambda idx, on_block=None: model.generate(
+sample = textbook_sample if textbook else lambda idx, on_block=None: engine.generate(model, 
     idx, max_new_tokens, top_p=top_p, kv_cache=kv_cache, generator=generator, stop_at_eos=stop_at_eos,
     stop_entropy=stop_entropy, on_block=on_block, return_stats=True, temperature=temperature, rule=rule, knob=knob,
     order=order, nucleus=nucleus)
@@ -151,9 +187,10 @@ else:
         print(f'---------- sample {i + 1}')
         print(enc.decode(out[i, :int(stats['lengths'][i])].tolist()))
 new_tokens = int((stats['lengths'] - len(prompt)).sum())
-print(f'---------- {new_tokens} tokens in {elapsed:.2f}s ({new_tokens / elapsed:.1f} tokens/s), '
-      f'{stats["nfe"]} model calls (NFEs), {new_tokens / max(1, int(stats["row_nfe"].sum())):.2f} tokens per call',
-      file=sys.stderr)
+calls = '' if textbook else (f', {stats["nfe"]} model calls (NFEs), '
+                             f'{new_tokens / max(1, int(stats["row_nfe"].sum())):.2f} tokens per call')
+print(f'---------- {new_tokens} tokens in {elapsed:.2f}s ({new_tokens / elapsed:.1f} tokens/s){calls}'
+      + (' (textbook sampler)' if textbook else ''), file=sys.stderr)
 
 
 @torch.no_grad()
@@ -197,13 +234,14 @@ if gen_ppl_model is not None or out_file is not None:
     texts = [enc.completion(prompt, row) for row in rows]
     # The judge reads the samples as bd3lms decodes them: generated EOS tokens stay, as <|endoftext|>.
     judged = [enc.completion(prompt, row, keep_special=True) for row in rows]
-    result = {'samples': texts, 'nfe': stats['nfe'], 'nfe_per_sample': stats['row_nfe'].tolist(),
-              'tokens_per_call': [len(r) / max(1, int(n)) for r, n in zip(rows, stats['row_nfe'])],
+    result = {'samples': texts, 'nfe': stats['nfe'],
+              'nfe_per_sample': None if textbook else stats['row_nfe'].tolist(),
+              'tokens_per_call': None if textbook else [len(r) / max(1, int(n)) for r, n in zip(rows, stats['row_nfe'])],
               'redrawn': redrawn,
               'settings': {k: globals()[k] for k in ('init_from', 'start', 'num_samples', 'max_new_tokens', 'rule',
                                                      'knob', 'order', 'top_p',
                                                      'nucleus', 'temperature', 'stop_at_eos', 'stop_entropy', 'seed',
-                                                     'kv_cache', 'dtype', 'gen_ppl_model', 'gen_ppl_stride',
+                                                     'kv_cache', 'textbook', 'dtype', 'gen_ppl_model', 'gen_ppl_stride',
                                                      'retry_degenerate')}}
     # Entropy as bd3lms measures it: per sample, the unigram entropy of the token ids the judge reads (its
     # BOS and any EOS included), averaged over samples. Without a judge: the model's own ids, BOS first.
@@ -222,5 +260,8 @@ if gen_ppl_model is not None or out_file is not None:
               f'token-weighted {result["gen_ppl"]:.2f} ({result["gen_ppl_tokens"]:,} tokens), unigram entropy '
               f'{result["entropy"]:.3f}', file=sys.stderr)
     if out_file is not None:
-        with open(out_file, 'w') as f:
-            json.dump(result, f, indent=2)
+        try:
+            with open(out_file, 'w') as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:
+            raise SystemExit(f'--out_file={out_file}: cannot write it ({e.strerror or e})') from None

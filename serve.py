@@ -8,7 +8,7 @@ Face page works against this project:
 
 Endpoints: POST /v1/completions, GET /v1/models, GET /health. Python's standard library serves HTTP: no web
 framework is needed for three endpoints. BD3-LM's own knobs come as extra fields: `rule` (a name in
-bd3lm.RULES), `knob`, `order` and `kv_cache`; `steps`, `threshold`, `entropy_bound` and `tokens_per_call`
+bd3lm_tools.engine.rules()), `knob`, `order` and `kv_cache`; `steps`, `threshold`, `entropy_bound` and `tokens_per_call`
 are accepted as aliases of rule + knob.
 
 How a request flows:
@@ -25,6 +25,7 @@ How a request flows:
      /health answers 503 and new requests get 503 at once.
 """
 import json
+import math
 import os
 import queue
 import select
@@ -39,8 +40,9 @@ import numpy as np
 import torch
 
 import bd3lm
-from engine import Engine, EngineStopped, Row as EngineRow
-from tokenizer import get_tokenizer
+import bd3lm_tools.engine
+from bd3lm_tools.engine import Engine, EngineStopped, Row as EngineRow
+from bd3lm_tools.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'out-demo'      # any model BD3LM.from_pretrained accepts: hub id, folder, Lightning .ckpt
@@ -120,15 +122,15 @@ def parse_request(body, tokenizer, config):
                                f' given', aliases[0])
         knob_field = aliases[0]
         r['rule'], r['knob'] = knob_field, r[knob_field]
-    if r['rule'] not in bd3lm.RULES:
-        raise RequestError(f'rule must be one of {", ".join(bd3lm.RULES)}, got {r["rule"]!r}', 'rule')
+    rules = bd3lm_tools.engine.rules()
+    if r['rule'] not in rules:
+        raise RequestError(f'rule must be one of {", ".join(rules)}, got {r["rule"]!r}', 'rule')
     if r['rule'] == 'steps' and isinstance(r['knob'], int) and r['knob'] > max_steps:
         raise RequestError(f'steps must be at most {max_steps:,}, got {r["knob"]:,}', knob_field)
     try:  # the rule's knob and order, checked by the sampler itself
-        order = bd3lm.Sampling(1, 'cpu', r['rule'], r['knob'], r['order']).rules[0][1]
+        rule, order, _ = bd3lm.check_rule(r['rule'], r['knob'], r['order'], rules)
     except ValueError as e:
         raise RequestError(str(e), 'order' if str(e).startswith('order') else knob_field)
-    rule = bd3lm.RULES[r['rule']]
     if hasattr(rule, 'draft_bytes'):    # a drafting rule: the draft laws it keeps per row are capped
         size, limit = rule.draft_bytes(r['knob'], order, config), max_draft_mb * 2 ** 20
         if size > limit:
@@ -160,12 +162,13 @@ def parse_request(body, tokenizer, config):
         if bad:
             raise RequestError(f'prompt token ids must lie in [0, {config.vocab_size - 1}] and not be the mask id '
                                f'{config.mask_id}; got {bad[:5]}', 'prompt')
-        if len(ids) + 1 > max_prompt_tokens:
-            raise RequestError(f'the prompt has {len(ids)} tokens; at most {max_prompt_tokens - 1} are allowed', 'prompt')
-        if config.block_size == config.model_length and len(ids) + 1 + r['max_tokens'] > config.model_length:
+    r['prompts'] = [list(ids) if ids and ids[0] == config.bos_id else [config.bos_id] + list(ids) for ids in prompts]
+    for ids in r['prompts']:            # BOS counted once, whether the client sent it or not
+        if len(ids) > max_prompt_tokens:
+            raise RequestError(f'the prompt has {len(ids)} tokens with BOS; at most {max_prompt_tokens} are allowed', 'prompt')
+        if config.block_size == config.model_length and len(ids) + r['max_tokens'] > config.model_length:
             raise RequestError(f'this MDLM-like model writes at most {config.model_length} tokens with the prompt; '
                                f'lower max_tokens', 'max_tokens')
-    r['prompts'] = [list(ids) if ids and ids[0] == config.bos_id else [config.bos_id] + list(ids) for ids in prompts]
     if len(r['prompts']) * r['n'] > max_batch:
         raise RequestError(f'{len(r["prompts"])} prompts x n={r["n"]} exceeds the {max_batch} rows a request may use', 'n')
     return r
@@ -429,16 +432,35 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == '__main__':
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    # Check the settings before loading anything: one line that names the flag and its valid range.
     if dtype not in ('float32', 'bfloat16', 'float16'):
         raise SystemExit(f"--dtype={dtype!r}: choose 'float32', 'bfloat16' or 'float16'")
-    for _name in ('port', 'max_batch', 'max_pending', 'max_tokens_limit', 'max_prompt_tokens', 'max_body_bytes',
-                  'max_draft_mb'):
-        if not isinstance(globals()[_name], int) or globals()[_name] <= 0:
-            raise SystemExit(f'--{_name}={globals()[_name]!r}: must be a positive integer')
-    if not isinstance(read_timeout_s, (int, float)) or read_timeout_s <= 0:
-        raise SystemExit(f'--read_timeout_s={read_timeout_s!r}: must be a positive number of seconds')
+    _int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    _number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    _checks = [('port', _int(port) and 1 <= port <= 65535, 'an integer in [1, 65535]'),
+               ('batch_wait_ms', _number(batch_wait_ms) and 0 <= batch_wait_ms <= 60_000,
+                'a number of milliseconds in [0, 60000]'),
+               ('read_timeout_s', _number(read_timeout_s) and 0 < read_timeout_s <= 86_400,
+                'a number of seconds in (0, 86400]')]
+    _checks += [(_name, _int(globals()[_name]) and globals()[_name] > 0, 'a positive integer')
+                for _name in ('max_batch', 'max_pending', 'max_tokens_limit', 'max_steps', 'max_prompt_tokens',
+                              'max_body_bytes', 'max_draft_mb')]
+    for _name, _ok, _what in _checks:
+        if not _ok:
+            raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
+    if device != 'auto':    # a device name torch knows, which this machine and this torch build have
+        try:
+            torch.empty(0, device=device)
+        except Exception:
+            raise SystemExit(f'--device={device}: not a device this machine (or this torch build) has; use '
+                             f'--device=auto or --device=cpu') from None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise SystemExit(f'--host={host}: cannot resolve it ({getattr(e, "strerror", None) or e}); use an '
+                         f'address of this machine, such as 127.0.0.1 or 0.0.0.0') from None
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         model = bd3lm.BD3LM.from_pretrained(init_from, device=device).to(getattr(torch, dtype))
         tokenizer = get_tokenizer(model)
@@ -446,8 +468,12 @@ if __name__ == '__main__':
         raise SystemExit(f'--init_from={init_from}: {e}') from None
     model_name = model_name or init_from
     started = int(time.time())
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise SystemExit(f'--host={host} --port={port}: cannot listen there ({e.strerror or e}); choose another '
+                         f'--port, or an address of this machine as --host') from None
     engine = Engine(model, device, max_batch, batch_wait_ms / 1000)
-    server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     print(f'serving {model_name} ({model.config.block_size}-token blocks, {device} {dtype}) on '
           f'http://{host}:{server.server_address[1]}/v1', file=sys.stderr, flush=True)

@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 import bd3lm
-import checkpoints
+from bd3lm_tools import checkpoints
 import prepare
-from tokenizer import get_tokenizer
+from bd3lm_tools.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 import bd3lm  # noqa: E402  (the checkout this runs in)
+from bd3lm_tools import engine  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument('--rule', default='first_hitting')
@@ -46,7 +47,7 @@ kw = {} if args.rule == 'first_hitting' else dict(rule=args.rule, knob=args.knob
 if kw and 'rule' not in __import__('inspect').signature(bd3lm.generate).parameters:
     kw = {args.rule: args.knob}
 sys.settrace(trace)
-model.generate(idx, 20, generator=torch.Generator().manual_seed(1), **kw)
+engine.generate(model, idx, 20, generator=torch.Generator().manual_seed(1), **kw)
 sys.settrace(None)
 print(f'{len(met)} functions of {", ".join(os.path.basename(f) for f in sorted(files))} met by one {args.rule} '
       f'generation (cached, prompt {args.prompt}, 20 tokens, blocks of 4):')

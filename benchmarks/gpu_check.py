@@ -37,6 +37,7 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 import bd3lm  # noqa: E402
+from bd3lm_tools import engine  # noqa: E402
 from test_cuda import CHECKS, knob_for  # noqa: E402  the correctness checks, the rules' knobs
 
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -327,7 +328,7 @@ def sample_run(model, rule, batch_size, n, kv_cache=True):
     """n new tokens after BOS for a batch: tokens/s and model calls/s, after a two-block warm-up."""
     bs = model.config.block_size
     idx = torch.full((batch_size, 1), model.config.bos_id, device=DEVICE)
-    gen = lambda n: model.generate(idx, n, rule=rule, knob=knob_for(rule), kv_cache=kv_cache,
+    gen = lambda n: engine.generate(model, idx, n, rule=rule, knob=knob_for(rule), kv_cache=kv_cache,
                                    return_stats=True, generator=torch.Generator(DEVICE).manual_seed(0))
     with torch.no_grad():
         gen(2 * bs)
@@ -352,14 +353,14 @@ def sample_speed(runs):
         for rule in rules:
             measure(runs, f'{rule}, batch {batch_size}',
                     lambda: sample_run(model, rule, batch_size, NEW_TOKENS), need_s=5)
-    # The cached call compiled as one graph (bd3lm.compile_sampler), plain and with CUDA graphs.
+    # The cached call compiled as one graph (engine.compile_sampler), plain and with CUDA graphs.
     for mode in () if SMOKE else ('default', 'reduce-overhead'):
         def compiled_run(mode=mode):
-            bd3lm.compile_sampler(mode=mode)
+            engine.compile_sampler(mode=mode)
             try:
                 return sample_run(model, 'first_hitting', 1, NEW_TOKENS)
             finally:
-                bd3lm.compile_sampler(disable=True)
+                engine.compile_sampler(disable=True)
         measure(runs, f'first_hitting, batch 1, compiled ({mode})', compiled_run, need_s=COMPILE_NEED_S)
     # The KV cache over a whole context: uncached, every call re-reads every earlier block.
     kv = [measure(runs, f'first_hitting, batch 1, {KV_TOKENS} tokens, {name}',

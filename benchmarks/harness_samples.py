@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-import harness  # noqa: E402
+from bd3lm_tools import harness  # noqa: E402
 import prepare  # noqa: E402
 
 p = argparse.ArgumentParser()

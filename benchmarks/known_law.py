@@ -36,7 +36,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 import bd3lm  # noqa: E402
-import speculative  # noqa: E402
+from bd3lm_tools import engine  # noqa: E402
+from bd3lm_tools import speculative  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the language
@@ -207,7 +208,7 @@ def generate(model, n_rows, first_seed, rule, knob, order):
     idx = torch.full((n_rows, 1), model.config.bos_id)
     kwargs = dict(generator=[torch.Generator().manual_seed(first_seed + i) for i in range(n_rows)],
                   temperature=temperature, top_p=top_p, return_stats=True)
-    return model.generate(idx, tokens, rule=rule, knob=knob, order=order, **kwargs)
+    return engine.generate(model, idx, tokens, rule=rule, knob=knob, order=order, **kwargs)
 
 
 def compute_per_token(stats, n_rows):

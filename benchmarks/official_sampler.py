@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import bd3lm  # noqa: E402
-import checkpoints  # noqa: E402
+from bd3lm_tools import checkpoints  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument('--official', required=True, help='the bd3lms repository root')

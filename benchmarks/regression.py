@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import bd3lm  # noqa: E402
+from bd3lm_tools import engine  # noqa: E402
 
 LAYERS = 'n_layers' if 'n_layers' in bd3lm.BD3LMConfig.__dataclass_fields__ else 'n_blocks'
 MODELS = {  # name -> config overrides of a tiny random model
@@ -46,11 +47,11 @@ def random_model(**overrides):
 
 def generate(model, idx, n, rule, knob, order, **kw):
     if 'rule' in inspect.signature(model.generate).parameters or 'rule' in inspect.signature(bd3lm.generate).parameters:
-        return model.generate(idx, n, rule=rule, knob=knob, order=order, **kw)
+        return engine.generate(model, idx, n, rule=rule, knob=knob, order=order, **kw)
     old = {} if rule == 'first_hitting' else {rule: knob}
     if order is not None:
         old['order'] = order
-    return model.generate(idx, n, **old, **kw)
+    return engine.generate(model, idx, n, **old, **kw)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import bd3lm  # noqa: E402
+from bd3lm_tools import engine  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument('--n_layers', type=int, default=4)
@@ -27,7 +28,7 @@ p.add_argument('--new_tokens', type=int, default=1024)
 p.add_argument('--batch_sizes', default='1')
 p.add_argument('--device', default='cpu')
 p.add_argument('--dtype', default='float32')
-p.add_argument('--compile', type=int, default=0, help='1: bd3lm.compile_sampler (the cached call as one graph)')
+p.add_argument('--compile', type=int, default=0, help='1: engine.compile_sampler (the cached call as one graph)')
 p.add_argument('--compile_mode', default='default', help="torch.compile's mode ('reduce-overhead': CUDA graphs)")
 p.add_argument('--skip_uncached', type=int, default=0)
 p.add_argument('--block_sizes', default='4,16')
@@ -41,9 +42,9 @@ def run(block_size, batch_size, kv_cache, steps):
                                cond_dim=128, n_layers=args.n_layers, n_heads=args.n_heads)
     model = bd3lm.BD3LM(config).to(args.device, getattr(torch, args.dtype)).eval()
     if args.compile:
-        bd3lm.compile_sampler(mode=args.compile_mode)     # the cached call as one graph (rules that do not draft)
+        engine.compile_sampler(mode=args.compile_mode)     # the cached call as one graph (rules that do not draft)
     idx = torch.full((batch_size, 1), config.bos_id, device=args.device)
-    gen = lambda n: model.generate(idx, n, rule='steps' if steps else 'first_hitting', knob=steps, kv_cache=kv_cache,
+    gen = lambda n: engine.generate(model, idx, n, rule='steps' if steps else 'first_hitting', knob=steps, kv_cache=kv_cache,
                                    return_stats=True,
                                    generator=torch.Generator(args.device).manual_seed(0))
     gen(2 * block_size)  # warm-up (allocation, compilation)

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import bd3lm  # noqa: E402
+from bd3lm_tools import engine  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument('--tokens', type=int, default=512)
@@ -41,8 +42,8 @@ def best_of(fn):
 # The whole sampler: every call of a first-hitting run with the KV cache (one call per token; with this
 # checkout's sampler a call is one pass, where older ones added a cache-write pass per block).
 idx = torch.full((1, 1), config.bos_id)
-_, stats = model.generate(idx, args.tokens, return_stats=True)
-total = best_of(lambda: model.generate(idx, args.tokens))
+_, stats = engine.generate(model, idx, args.tokens, return_stats=True)
+total = best_of(lambda: engine.generate(model, idx, args.tokens))
 calls = stats['forward_passes']
 fused = calls == stats['nfe']                 # the finished block rides along with the next call
 
@@ -56,15 +57,15 @@ def bare():
     x = torch.randint(0, 999, (1, bs))
     c = model.cond(None, 1)
     if hasattr(bd3lm, 'block_pass') and fused:
-        cache = bd3lm.KVCache(model, 1, 'cpu')
+        cache = engine.KVCache(model, 1, 'cpu')
         for b in range(n_blocks):
             for i in range(calls // n_blocks):
                 finished = ([0], x) if b and not i else None
-                h = bd3lm.block_pass(model, None, [b * bs], cache, finished)(x[:, None], c)
+                h = engine.block_pass(model, None, [b * bs], cache, finished)(x[:, None], c)
                 model.output_layer(h[:, 0, 0], c)
         return
     # an older checkout's sampler (a separate cache-write pass per block), for old-against-new runs
-    cache = bd3lm.KVCache(config.n_layers, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
+    cache = engine.KVCache(config.n_layers, 1, config.n_heads, config.model_length, config.hidden_dim // config.n_heads,
                           bs, 'cpu', torch.float32)
     for b in range(n_blocks):
         positions = torch.arange(b * bs, (b + 1) * bs)
@@ -120,14 +121,14 @@ def ops(fn):
 
 
 with torch.no_grad():
-    sampler_ops, bare_ops = ops(lambda: model.generate(idx, args.tokens)), ops(bare)
+    sampler_ops, bare_ops = ops(lambda: engine.generate(model, idx, args.tokens)), ops(bare)
 print(f'torch operators per call: sampler {sampler_ops / calls:.1f}, bare {bare_ops / calls:.1f}, '
       f'the sampler\'s own {(sampler_ops - bare_ops) / calls:.1f}')
 
 if args.profile:
     Count.where = {}
     with torch.no_grad():
-        ops(lambda: model.generate(idx, args.tokens))
+        ops(lambda: engine.generate(model, idx, args.tokens))
     print('operators per call by where they run:')
     for path, n in sorted(Count.where.items(), key=lambda kv: -kv[1]):
         print(f'  {n / calls:7.2f}  {path}')

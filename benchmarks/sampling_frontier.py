@@ -30,7 +30,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 import bd3lm  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+from bd3lm_tools import engine  # noqa: E402
+from bd3lm_tools.tokenizer import get_tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument('--out_dir', default='out-frontier')
@@ -126,7 +127,7 @@ if args.only:
 
 def generate(kwargs, seeds):
     idx = torch.full((len(seeds), 1), model.config.bos_id)
-    return model.generate(idx, args.tokens, generator=[torch.Generator().manual_seed(s) for s in seeds],
+    return engine.generate(model, idx, args.tokens, generator=[torch.Generator().manual_seed(s) for s in seeds],
                           top_p=args.top_p, temperature=args.temperature, return_stats=True, **kwargs)
 
 
@@ -194,9 +195,9 @@ def decoding_order(kwargs, prompt='The Python interpreter', n_blocks=4, seed=0):
     """For the first n_blocks generated blocks: the call (counted within its block, from 1) that revealed
     each position (0 for prompt tokens), and the tokens."""
     idx = torch.tensor([[model.config.bos_id] + enc.encode(prompt)])
-    step, reveals, blocks = bd3lm.denoise_step, [], []
+    step, reveals, blocks = engine.denoise_step, [], []
 
-    def recording(model_, xb, masked, *rest):                 # bd3lm.denoise_step, watched
+    def recording(model_, xb, masked, *rest):                 # engine.denoise_step, watched
         before = masked[0].clone()
         called = step(model_, xb, masked, *rest)
         reveals.append(before & ~masked[0])
@@ -205,12 +206,12 @@ def decoding_order(kwargs, prompt='The Python interpreter', n_blocks=4, seed=0):
     def on_block(x, end):
         blocks.append(list(reveals))
         reveals.clear()
-    bd3lm.denoise_step = recording
+    engine.denoise_step = recording
     try:
-        out = model.generate(idx, n_blocks * bs - idx.shape[1] % bs, generator=torch.Generator().manual_seed(seed),
+        out = engine.generate(model, idx, n_blocks * bs - idx.shape[1] % bs, generator=torch.Generator().manual_seed(seed),
                              top_p=args.top_p, temperature=args.temperature, on_block=on_block, **kwargs)
     finally:
-        bd3lm.denoise_step = step
+        engine.denoise_step = step
     first = idx.shape[1] // bs * bs
     order = [[0] * bs for _ in blocks]
     for b, calls in enumerate(blocks):

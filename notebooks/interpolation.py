@@ -27,6 +27,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 import bd3lm  # noqa: E402
+from bd3lm_tools import engine  # noqa: E402
 import prepare  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -97,10 +98,10 @@ for bs in [int(b) for b in args.block_sizes.split(',')]:
                 else:  # t = 1 masks every token: the exact AR likelihood
                     best, var_clipped = (1.0, 1.0), bd3lm.nelbo_variance(model, batches, (1.0, 1.0), generator=noise)
             t1 = time.time()
-            _, stats = model.generate(torch.full((1, 1), model.config.bos_id), args.sample_tokens, return_stats=True,
+            _, stats = engine.generate(model, torch.full((1, 1), model.config.bos_id), args.sample_tokens, return_stats=True,
                                       generator=torch.Generator().manual_seed(0))
             sample_s = time.time() - t1
-            _, stats1 = model.generate(torch.full((1, 1), model.config.bos_id), args.sample_tokens, rule='steps', knob=1,
+            _, stats1 = engine.generate(model, torch.full((1, 1), model.config.bos_id), args.sample_tokens, rule='steps', knob=1,
                                        return_stats=True, generator=torch.Generator().manual_seed(0))
             row.update({'var_full': var_full, 'clip_interval': list(best), 'var_clipped': var_clipped,
                         'nfe_first_hitting': stats['nfe'], 'tokens_per_s': args.sample_tokens / sample_s,

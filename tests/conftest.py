@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bd3lm
+from bd3lm_tools import engine
 
 # Made by the official bd3lms model (see fixtures/README.md); they travel with the repo, so the comparison
 # with the official model always runs.
@@ -51,10 +52,10 @@ def check_engine_rows_equal_generate_alone(model, prompts, lengths, settings, jo
     """Engine rows (one per prompt, with its own length, seed and sampling settings) run in one engine.Batch:
     all but the `joining_late` last join first, the rest `steps_before` model calls later, while the first
     are mid-text. Each row's tokens must equal model.generate for it alone; so must one uncached row's."""
-    import engine
+    from bd3lm_tools import engine
     seed = lambda i: torch.Generator().manual_seed(1000 + i)
     rows = [engine.Row(p, n, seed(i), **s) for i, (p, n, s) in enumerate(zip(prompts, lengths, settings))]
-    batch = engine.Batch(model, 'cpu', bd3lm.KVCache(model, len(rows), 'cpu'))
+    batch = engine.Batch(model, 'cpu', engine.KVCache(model, len(rows), 'cpu'))
     for row in rows[:len(rows) - joining_late]:
         batch.admit(row)
     for _ in range(steps_before):
@@ -67,7 +68,7 @@ def check_engine_rows_equal_generate_alone(model, prompts, lengths, settings, jo
         batch.step()
     assert not batch.rows
     for i, row in enumerate(rows):
-        out = model.generate(torch.tensor([prompts[i]]), lengths[i], generator=[seed(i)], **settings[i])
+        out = engine.generate(model, torch.tensor([prompts[i]]), lengths[i], generator=[seed(i)], **settings[i])
         assert row.tokens == out[0, len(prompts[i]):].tolist(), i
     # the reference path: one uncached row, one model call per engine step
     alone = engine.Row(prompts[-1], 21, seed(7), kv_cache=False, **settings[-1])
@@ -75,5 +76,5 @@ def check_engine_rows_equal_generate_alone(model, prompts, lengths, settings, jo
     batch.admit(alone)
     while batch.rows:
         batch.step()
-    out = model.generate(torch.tensor([prompts[-1]]), 21, generator=[seed(7)], kv_cache=False, **settings[-1])
+    out = engine.generate(model, torch.tensor([prompts[-1]]), 21, generator=[seed(7)], kv_cache=False, **settings[-1])
     assert alone.tokens == out[0, len(prompts[-1]):].tolist()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bd3lm
+from bd3lm_tools import engine
 from conftest import random_model
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -87,20 +88,20 @@ def test_sample_py_compile_has_no_graph_break(tmp_path):
 @pytest.mark.parametrize('kwargs', [dict(), dict(rule='threshold', knob=0.3, temperature=0.8, top_p=0.9),
                                     dict(rule='entropy_bound', knob=1.0), dict(rule='steps', knob=3)])
 def test_the_compiled_cached_call_is_one_graph_and_draws_the_same_tokens(kwargs):
-    # bd3lm.compile_sampler: the cached call (model pass + rule + write-back) under fullgraph=True, fixed
+    # engine.compile_sampler: the cached call (model pass + rule + write-back) under fullgraph=True, fixed
     # shapes; two graphs in all (a block's first call also carries the finished block), past the window too.
     from torch._dynamo.utils import counters
     model = random_model(block_size=4, model_length=16).double()
     idx = torch.randint(0, 36, (2, 5), generator=torch.Generator().manual_seed(0))
-    eager = model.generate(idx, 40, generator=torch.Generator().manual_seed(3), **kwargs)
+    eager = engine.generate(model, idx, 40, generator=torch.Generator().manual_seed(3), **kwargs)
     torch._dynamo.reset()
     counters.clear()
-    bd3lm.compile_sampler(backend='aot_eager')     # dynamo's capture without codegen: quick on CPU
+    engine.compile_sampler(backend='aot_eager')     # dynamo's capture without codegen: quick on CPU
     try:
-        compiled, stats = model.generate(idx, 40, generator=torch.Generator().manual_seed(3), return_stats=True,
+        compiled, stats = engine.generate(model, idx, 40, generator=torch.Generator().manual_seed(3), return_stats=True,
                                          **kwargs)
     finally:
-        bd3lm.compile_sampler(disable=True)
+        engine.compile_sampler(disable=True)
     assert torch.equal(eager, compiled)
     assert not counters['graph_break'] and counters['stats']['unique_graphs'] == 2
     assert stats['forward_passes'] == stats['nfe'] + 1

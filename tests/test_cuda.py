@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bd3lm
-import engine
+from bd3lm_tools import engine
 from conftest import random_model, random_tokens
 
 pytestmark = [pytest.mark.cuda,
@@ -54,7 +54,7 @@ def autocast(device, dtype):
 def corpus_batch(batch_size, length, device):
     """(B, L) GPT-2 tokens of the embedded corpus (prepare.python_docs): BOS, then running text."""
     import prepare
-    from tokenizer import get_tokenizer
+    from bd3lm_tools.tokenizer import get_tokenizer
     enc, ids = get_tokenizer(), []
     for _, text in prepare.python_docs():
         ids += enc.encode(text) + [enc.eos_id]
@@ -159,7 +159,7 @@ def check_cached_equals_uncached(device):
     idx = random_tokens(model, batch_size=2, length=3).to(device)
     n = 2 * model.config.model_length + 5
     for rule in ('first_hitting', 'steps', 'threshold'):
-        outs = [model.generate(idx, n, rule=rule, knob=knob_for(rule), kv_cache=kv,
+        outs = [engine.generate(model, idx, n, rule=rule, knob=knob_for(rule), kv_cache=kv,
                                generator=torch.Generator(device).manual_seed(3))
                 for kv in (True, False)]
         same = (outs[0] == outs[1]).float().mean().item()
@@ -169,7 +169,7 @@ def check_cached_equals_uncached(device):
 
 
 def check_engine_row_equals_generate(device):
-    """engine.Batch with a bd3lm.KVCache on the device: rows of different prompt lengths and rules, joining
+    """engine.Batch with a engine.KVCache on the device: rows of different prompt lengths and rules, joining
     while others run, each get what model.generate gives them alone (float64: no draw can move)."""
     model = random_model(vocab_size=50258, block_size=4, model_length=16, hidden_dim=32, n_heads=2)
     model = model.double().to(device)
@@ -182,7 +182,7 @@ def check_engine_row_equals_generate(device):
     gen = lambda i: torch.Generator(device).manual_seed(1000 + i)
     rows = [engine.Row(prompts[i], lengths[i], gen(i), temperature=0.8, top_p=0.9, **rules[i])
             for i in range(6)]
-    batch = engine.Batch(model, device, bd3lm.KVCache(model, 6, device))
+    batch = engine.Batch(model, device, engine.KVCache(model, 6, device))
     for i, row in enumerate(rows):
         batch.admit(row)
         for _ in range(3 * (i < 2)):          # the first two are mid-text when the others join
@@ -193,7 +193,7 @@ def check_engine_row_equals_generate(device):
         batch.step()
     assert not batch.rows, 'the engine did not finish its rows'
     for i, row in enumerate(rows):
-        out = model.generate(torch.tensor([prompts[i]], device=device), lengths[i],
+        out = engine.generate(model, torch.tensor([prompts[i]], device=device), lengths[i],
                              generator=[gen(i)], temperature=0.8, top_p=0.9, **rules[i])
         assert row.tokens == out[0, len(prompts[i]):].tolist(), f'row {i} ({rules[i]}) != generate'
     return {'rows': len(rows), 'rules': sorted(set(names))}
@@ -205,7 +205,7 @@ def check_every_rule_runs(device):
     idx = random_tokens(model, batch_size=2, length=3).to(device)
     n, calls = 3 * model.config.block_size + 2, {}
     for name in bd3lm.RULES:
-        out, stats = model.generate(idx, n, rule=name, knob=knob_for(name), return_stats=True,
+        out, stats = engine.generate(model, idx, n, rule=name, knob=knob_for(name), return_stats=True,
                                     generator=torch.Generator(device).manual_seed(0))
         assert out.shape == (2, 3 + n) and torch.equal(out[:, :3], idx), name
         assert not (out == model.config.mask_id).any(), f'{name} left masks'

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bd3lm
-from tokenizer import get_tokenizer
+from bd3lm_tools.tokenizer import get_tokenizer
 import prepare
 from conftest import random_model
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import bd3lm
-import checkpoints
+from bd3lm_tools import engine
+from bd3lm_tools import checkpoints
 from conftest import random_model, random_tokens
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -32,7 +33,7 @@ def run(script, *args, timeout=300):
 def test_half_precision_models_generate(tmp_path, dtype, kv_cache):
     random_model().save_pretrained(tmp_path)
     model = bd3lm.BD3LM.from_pretrained(tmp_path).to(dtype)
-    out = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, kv_cache=kv_cache, generator=torch.Generator().manual_seed(0))
+    out = engine.generate(model, torch.zeros(2, 1, dtype=torch.long), 20, kv_cache=kv_cache, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 21) and not (out == model.config.mask_id).any()
 
 
@@ -48,7 +49,7 @@ def test_bf16_autocast_training_step_on_cpu():
 def test_float64_cached_and_uncached_samples_are_identical_far_past_the_context():
     # README's guarantee: identical tokens in float64 (float32 sums attention in another order).
     model = random_model(block_size=4, model_length=16, vocab_size=200).double()
-    a, b = (model.generate(torch.zeros(2, 1, dtype=torch.long), 300, kv_cache=kv, generator=torch.Generator().manual_seed(1))
+    a, b = (engine.generate(model, torch.zeros(2, 1, dtype=torch.long), 300, kv_cache=kv, generator=torch.Generator().manual_seed(1))
             for kv in (True, False))
     assert torch.equal(a, b)
 
@@ -176,6 +177,27 @@ def test_train_py_rejects_bad_settings_before_any_work(data_dir, tmp_path, args,
         args.append(f'--out_dir={tmp_path / "o"}')
     out = run('train.py', *TINY, f'--data_dir={data_dir}', '--dataset=tiny', *args)
     assert out.returncode != 0 and message in out.stderr and 'Traceback' not in out.stderr
+
+
+@pytest.mark.parametrize('block_size,args,message', [
+    (16, ['--max_new_tokens=40'], '--max_new_tokens=40: this model is MDLM-like'),
+    (4, ['--device=gpu'], '--device=gpu: '),
+    (4, ['--device=mps'], '--device=mps: '),
+    (4, ['--start=FILE:/nonexistent.txt'], '--start=FILE:/nonexistent.txt: '),
+    (4, ['--out_file=/nonexistent/x.json'], '--out_file=/nonexistent/x.json: '),
+    (4, ['--max_new_tokens=99999999999'], '--max_new_tokens=99999999999: must be a positive integer <= 1,000,000'),
+])
+def test_sample_py_refuses_bad_settings_in_one_line_before_generating(tmp_path, block_size, args, message):
+    # Once: a traceback from inside the sampler, from torch or from open(); --out_file after generating;
+    # an attempt to allocate 800 GB.
+    if args == ['--device=mps'] and torch.backends.mps.is_available():
+        pytest.skip('this machine has MPS')
+    random_model(vocab_size=50258, block_size=block_size, model_length=16, hidden_dim=16, cond_dim=8, n_layers=1,
+                 n_heads=2).save_pretrained(tmp_path)
+    out = run('sample.py', f'--init_from={tmp_path}', *args, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and 'Traceback' not in out.stderr and lines[-1].startswith(message), out.stderr[-2000:]
+    assert out.stdout == ''         # refused before generating anything
 
 
 def test_flags_take_every_documented_value(data_dir, tmp_path):

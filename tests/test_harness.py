@@ -14,7 +14,7 @@ import bd3lm
 pytest.importorskip('lm_eval')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-import harness  # noqa: E402  (registers 'bd3lm')
+from bd3lm_tools import harness  # noqa: E402  (registers 'bd3lm')
 from conftest import random_model  # noqa: E402
 
 
@@ -123,6 +123,27 @@ def test_loglikelihood_is_the_projects_conditional_nelbo(gpt2_model_dir):
     assert lm.loglikelihood([FakeRequest((context, continuation))], disable_tqdm=True)[0][0] == got
     other = harness.BD3LMEval(init_from=model, samples=6, seed=6)
     assert other.loglikelihood([FakeRequest((context, continuation))], disable_tqdm=True)[0][0] != got
+
+
+def test_a_continuation_longer_than_the_window_is_scored_in_full():
+    # model_length 16: BOS + 3 context + 20 continuation tokens do not fit one window. Every continuation
+    # token is scored, in loglikelihood_rolling's windows of the whole text: ids[0:16] scores its last 12,
+    # ids[8:24] its last 8. (Once, the text was cut to its last 16 tokens: 15 of the 20 were scored.)
+    model = tiny_model(vocab_size=50258)
+    lm = harness.BD3LMEval(init_from=model, estimator='exact')
+    g = torch.Generator().manual_seed(0)
+    ctx, cont = torch.randint(0, 50256, (3,), generator=g).tolist(), torch.randint(0, 50256, (20,), generator=g).tolist()
+    ids = [model.config.bos_id] + ctx + cont
+
+    def piece(window, n_cont):
+        x0, scored, pad = harness.layout(window, n_cont, 4, 16, model.config.eos_id)
+        return harness.exact(model, x0, scored, pad)[0]
+    (got, _), (fits, _) = lm._loglikelihood_tokens([(('c', 'x'), ctx, cont), (('c', 'x'), ctx + cont[:5], cont[5:])],
+                                                   disable_tqdm=True)
+    assert got == pytest.approx(piece(ids[:16], 12) + piece(ids[8:], 8), abs=1e-6)
+    assert fits == pytest.approx(piece(ids[8:], 15), abs=1e-6)     # 15 fit beside one token: one window, as before
+    with pytest.raises(ValueError, match='model_length'):          # layout itself never drops a scored token
+        harness.layout(ids, 20, 4, 16, model.config.eos_id)
 
 
 class FakeRequest:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import bd3lm
-import checkpoints
-import tokenizer
-from tokenizer import get_tokenizer
+from bd3lm_tools import engine
+from bd3lm_tools import checkpoints
+from bd3lm_tools import tokenizer
+from bd3lm_tools.tokenizer import get_tokenizer
 from conftest import random_model, random_tokens
 
 CONFIGS = [dict(block_size=1), dict(block_size=4), dict(block_size=8), dict(block_size=16),  # 16 = context
@@ -240,39 +241,13 @@ def test_tokenizer_is_gpt2_offline():
     assert enc.decode([50256] + ids + [50256, 50257]) == 'Hello world, block diffusion!'  # specials dropped
 
 
-@pytest.mark.parametrize('edit', ['layer adaLN', 'sigma_map', 'optimizer step'])
-def test_the_cached_conditioning_follows_the_weights(edit):
-    """Without gradients the constant c and each layer's modulation of it are computed once (sampling asks
-    for them every call); any change of the weights they depend on must make them anew."""
-    model = random_model().eval()
-    x = random_tokens(model)
-    x[:, -3:] = model.config.mask_id
-    calls = []
-    model.blocks[1].adaLN_modulation.register_forward_hook(lambda *args: calls.append(1))
-    with torch.no_grad():
-        before = model(x)
-        assert model(x).equal(before) and len(calls) == 1 and model.cond(None, len(x)) is model.cond(None, len(x))
-    if edit == 'optimizer step':
-        model.blocks[0].adaLN_modulation.weight.grad = torch.ones_like(model.blocks[0].adaLN_modulation.weight)
-        torch.optim.SGD([model.blocks[0].adaLN_modulation.weight], lr=0.1).step()
-    with torch.no_grad():
-        if edit == 'layer adaLN':
-            model.blocks[1].adaLN_modulation.bias.add_(0.5)
-        elif edit == 'sigma_map':
-            model.sigma_map.mlp[0].bias.add_(0.5)
-        cached = model(x)
-    fresh = model(x).detach()                       # with gradients: nothing cached
-    assert not torch.allclose(before, cached) and len(calls) == 3      # made anew, then once more with gradients
-    torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-6)
-
-
 def test_a_generation_computes_the_constant_modulation_once():
-    """First-hitting with the cache at blocks of 4: the layer modulation of cond's constant once, and again
-    only in each block's first call, whose pass also carries the finished block (its own conditioning)."""
+    """The engine, first-hitting with the cache at blocks of 4: the layer modulation of the constant c once per
+    generation, and again only in each block's first call, whose pass also carries the finished block."""
     model = random_model().eval()
     calls = []
     model.blocks[0].adaLN_modulation.register_forward_hook(lambda *args: calls.append(1))
-    out, stats = model.generate(torch.full((1, 1), model.config.bos_id), 15, return_stats=True)
+    out, stats = engine.generate(model, torch.full((1, 1), model.config.bos_id), 15, return_stats=True)
     assert stats['nfe'] == 15 and len(calls) == 1 + 3          # blocks 2, 3 and 4 carry a finished block
 
 

@@ -13,6 +13,7 @@ import time
 import torch
 
 import bd3lm
+from bd3lm_tools import engine
 from conftest import random_model, random_tokens
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -64,22 +65,27 @@ def free_port():
 
 def test_a_new_rule_is_one_function_registered_in_a_copy_of_bd3lm(tmp_path):
     # Register the rule in a copy of the project's bd3lm.py; nothing else changes.
-    for name in ('bd3lm.py', 'speculative.py', 'checkpoints.py', 'tokenizer.py', 'engine.py', 'sample.py', 'serve.py', 'configurator.py'):
+    for name in ('bd3lm.py', 'sample.py', 'serve.py', 'configurator.py'):
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, 'bd3lm_tools'), tmp_path / 'bd3lm_tools')
     with open(tmp_path / 'bd3lm.py', 'a') as f:
         f.write('\n' + RULE_RECIPE)
     model_dir = tmp_path / 'model'
     random_model(vocab_size=50258, block_size=4, model_length=32, hidden_dim=32, n_heads=2, seed=1).save_pretrained(model_dir)
     run = lambda *args, **kw: subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
                                              timeout=300, **kw)
-    # generate, knobs per row; against the rule applied by hand: margin 1 can never hold, so it is the
-    # fallback (most confident first, one per call); margin 0 always holds, one call per block
-    out = run('-c', 'import torch, bd3lm; m = bd3lm.BD3LM.from_pretrained("model"); '
-                    'x, s = m.generate(torch.tensor([[50256]] * 2), 15, rule="margin", knob=[0.0, 1.0], '
+    # the engine, knobs per row; against the rule applied by hand: margin 1 can never hold, so it is the
+    # fallback (most confident first, one per call); margin 0 always holds, one call per block. The textbook
+    # sampler (model.generate) gives the engine's tokens.
+    out = run('-c', 'import torch, bd3lm; from bd3lm_tools import engine; m = bd3lm.BD3LM.from_pretrained("model"); '
+                    'x, s = engine.generate(m, torch.tensor([[50256]] * 2), 15, rule="margin", knob=[0.0, 1.0], '
                     'generator=torch.Generator().manual_seed(0), return_stats=True); '
-                    'print(s["row_nfe"].tolist())')
+                    'g = lambda: torch.Generator().manual_seed(1); idx = torch.tensor([[50256, 1, 2]] * 2); '
+                    'same = torch.equal(m.generate(idx, 9, rule="margin", knob=0.2, generator=g()), '
+                    'engine.generate(m, idx, 9, rule="margin", knob=0.2, generator=g())); '
+                    'print(s["row_nfe"].tolist() + [same])')
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip()) == [4, 15]
+    assert json.loads(out.stdout.strip().lower()) == [4, 15, True]
     out = run('sample.py', f'--init_from={model_dir}', '--rule=margin', '--knob=0.2', '--max_new_tokens=12',
               f'--out_file={tmp_path / "s.json"}')
     assert out.returncode == 0, out.stderr[-2000:]

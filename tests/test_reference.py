@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bd3lm
-import checkpoints
+from bd3lm_tools import checkpoints
 from conftest import REFERENCE
 
 

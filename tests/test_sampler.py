@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bd3lm
+from bd3lm_tools import engine
 from conftest import random_model
 
 
@@ -23,7 +24,7 @@ def test_cached_equals_uncached_even_past_model_length(steps, P):
     for kv_cache in (True, False):
         g = torch.Generator().manual_seed(7)
         rule = dict(rule='steps', knob=steps) if steps else {}
-        outs.append(model.generate(idx, 45, kv_cache=kv_cache, generator=g, **rule))   # ~3x model_length
+        outs.append(engine.generate(model, idx, 45, kv_cache=kv_cache, generator=g, **rule))   # ~3x model_length
     assert torch.equal(outs[0], outs[1])
     out = outs[0]
     assert out.shape == (2, P + 45)
@@ -47,7 +48,7 @@ def test_window_matters_past_model_length():
 @pytest.mark.parametrize('block_size', [1, 4, 16])
 def test_first_hitting_makes_one_model_call_per_new_token(block_size):
     model = random_model(block_size=block_size, model_length=32)
-    _, stats = model.generate(prompt(model, P=5), 23, generator=torch.Generator().manual_seed(0), return_stats=True)
+    _, stats = engine.generate(model, prompt(model, P=5), 23, generator=torch.Generator().manual_seed(0), return_stats=True)
     assert stats['nfe'] == 23
 
 
@@ -55,7 +56,7 @@ def test_first_hitting_makes_one_model_call_per_new_token(block_size):
 def test_fixed_steps_make_at_most_steps_calls_per_block(steps):
     model = random_model(block_size=4, model_length=16)
     new = 30
-    out, stats = model.generate(prompt(model, P=2), new, rule='steps', knob=steps,
+    out, stats = engine.generate(model, prompt(model, P=2), new, rule='steps', knob=steps,
                                 generator=torch.Generator().manual_seed(0), return_stats=True)
     blocks = -(-(2 + new) // 4)
     assert 0 < stats['nfe'] <= steps * blocks
@@ -111,7 +112,7 @@ def test_sampler_draws_from_the_model_distribution(rule):
                        'lowest entropy first': p_mm[1, a] * p_a_then if entropy[0] < entropy[1]
                        else p_mm[2, b] * p_b_then}[law]
     n = 20_000
-    out = model.generate(torch.full((n, 1), bos), 2, generator=torch.Generator().manual_seed(0), **kwargs)
+    out = engine.generate(model, torch.full((n, 1), bos), 2, generator=torch.Generator().manual_seed(0), **kwargs)
     counts = torch.zeros(5, 5, dtype=torch.float64)
     counts.index_put_((out[:, 1], out[:, 2]), torch.ones(n, dtype=torch.float64), accumulate=True)
     # 24 degrees of freedom: P(chi2 > 51.18) = 0.001. A sampler off by a few percent anywhere fails.
@@ -149,8 +150,8 @@ def test_tiny_top_p_is_greedy():
     # With one-token blocks greedy decoding is fully determined: any seed gives the argmax chain.
     model = random_model(block_size=1, model_length=16)
     idx = prompt(model, P=4)
-    c = model.generate(idx, 12, top_p=1e-9, generator=torch.Generator().manual_seed(0))
-    d = model.generate(idx, 12, top_p=1e-9, generator=torch.Generator().manual_seed(1))
+    c = engine.generate(model, idx, 12, top_p=1e-9, generator=torch.Generator().manual_seed(0))
+    d = engine.generate(model, idx, 12, top_p=1e-9, generator=torch.Generator().manual_seed(1))
     assert torch.equal(c, d)
     with torch.no_grad():
         for i in range(4, 16):
@@ -172,7 +173,7 @@ def test_stop_at_eos_rows_stop_independently():
     eos = 7
     model = _biased_model(eos, block_size=4, model_length=16)
     idx = torch.tensor([[1, 2, 3], [1, 2, 3]])
-    out, stats = model.generate(idx, 20, stop_at_eos=True, eos_id=eos, return_stats=True)
+    out, stats = engine.generate(model, idx, 20, stop_at_eos=True, eos_id=eos, return_stats=True)
     assert out.shape == (2, 23)
     assert stats['lengths'].tolist() == [4, 4]                # prompt + the first EOS
     assert (out[:, 3:] == eos).all()
@@ -182,15 +183,15 @@ def test_stop_at_eos_rows_stop_independently():
 def test_stop_on_low_entropy_drops_the_degenerate_window_as_bd3lms():
     model = _biased_model(5, block_size=16, model_length=32, vocab_size=400)
     prompt = torch.arange(10, 310)[None]                      # 300 distinct tokens: entropy ln 256 per window
-    full = model.generate(prompt, 400)                        # the model only says 5
+    full = engine.generate(model, prompt, 400)                        # the model only says 5
     # Slow rule: the first block end whose last 256 tokens have entropy < 4; bd3lms drops those 256.
     end = next(e for e in range(304, 701, 16) if e > 256 and bd3lm.unigram_entropy(full[0, e - 256:e]) < 4)
     # With a constant output the window still reaches into the prompt when the rule fires, so the cut
     # stops at the prompt (it is never cut): every generated token of that window is dropped.
-    out, stats = model.generate(prompt, 400, stop_entropy=4.0, return_stats=True)
+    out, stats = engine.generate(model, prompt, 400, stop_entropy=4.0, return_stats=True)
     assert end == 400 and stats['lengths'].item() == max(300, end - 256) == 300
     assert torch.equal(out[0, :300], prompt[0]) and (out[0, 300:] == model.config.eos_id).all()
-    _, stats = model.generate(torch.tensor([[1]]), 400, stop_entropy=4.0, return_stats=True)
+    _, stats = engine.generate(model, torch.tensor([[1]]), 400, stop_entropy=4.0, return_stats=True)
     # bd3lms checks once more than 256 tokens exist: not at 256 (where the old rule cut to the bare prompt)
     # but at 272, dropping the last 256 and keeping 16
     assert stats['lengths'].item() == 16 and stats['nfe'] == 271
@@ -200,32 +201,32 @@ def test_generate_rejects_bad_arguments():
     model = random_model()
     good = torch.tensor([[1, 2]])
     with pytest.raises(ValueError, match='max_new_tokens'):
-        model.generate(good, 0)
+        engine.generate(model, good, 0)
     with pytest.raises(ValueError, match='top_p'):
-        model.generate(good, 4, top_p=0)
+        engine.generate(model, good, 4, top_p=0)
     with pytest.raises(ValueError, match='top_p'):
-        model.generate(good, 4, top_p=1.5)
+        engine.generate(model, good, 4, top_p=1.5)
     with pytest.raises(ValueError, match='mask id'):
-        model.generate(torch.tensor([[1, model.config.mask_id]]), 4)
+        engine.generate(model, torch.tensor([[1, model.config.mask_id]]), 4)
     with pytest.raises(ValueError, match='P >= 1'):
-        model.generate(torch.zeros(1, 0, dtype=torch.long), 4)
+        engine.generate(model, torch.zeros(1, 0, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="knob: rule 'steps'"):
-        model.generate(good, 4, rule='steps', knob=0)
+        engine.generate(model, good, 4, rule='steps', knob=0)
     with pytest.raises(ValueError, match='one per row'):
-        model.generate(good, [3, 4])                           # two lengths for one row
+        engine.generate(model, good, [3, 4])                           # two lengths for one row
 
 
 def test_mdlm_past_its_context_is_refused_not_generated_blind():
     # With block_size == model_length a block past the context would see nothing before it.
     model = random_model(block_size=16, model_length=16)
-    assert model.generate(torch.tensor([[1]]), 15).shape == (1, 16)
+    assert engine.generate(model, torch.tensor([[1]]), 15).shape == (1, 16)
     with pytest.raises(ValueError, match='MDLM-like'):
-        model.generate(torch.tensor([[1]]), 16)
+        engine.generate(model, torch.tensor([[1]]), 16)
 
 
 def test_eos_defaults_to_the_model_s_own():
     model = _biased_model(9, block_size=4, model_length=16, eos_id=9)
-    out, stats = model.generate(torch.tensor([[1, 2]]), 12, stop_at_eos=True, return_stats=True)
+    out, stats = engine.generate(model, torch.tensor([[1, 2]]), 12, stop_at_eos=True, return_stats=True)
     assert stats['lengths'].tolist() == [3] and (out[0, 2:] == 9).all()
 
 
@@ -268,7 +269,7 @@ def test_a_rule_that_reveals_nothing_falls_back_to_its_order(monkeypatch):
     # (confidence), which is exactly what one-most-confident-per-call draws, token for token.
     model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2)
     monkeypatch.setitem(bd3lm.RULES, 'nothing', lambda p, knob: torch.zeros_like(p.masked))
-    run = lambda **kw: model.generate(prompt(model, P=2), 30, generator=torch.Generator().manual_seed(1),
+    run = lambda **kw: engine.generate(model, prompt(model, P=2), 30, generator=torch.Generator().manual_seed(1),
                                       return_stats=True, **kw)
     (a, sa), (b, sb) = run(rule='nothing'), run(rule='tokens_per_call', knob=1)
     assert torch.equal(a, b) and sa['nfe'] == sb['nfe'] == 30
@@ -295,7 +296,7 @@ def test_model_calls_per_rule(kwargs, calls_per_block):
     # None: one token per call (NFE = new tokens); else calls per full block (ceil(block / k)).
     model = random_model(block_size=4, model_length=16)
     new = 24                                  # prompt of 4 = one full block, then 6 full blocks
-    _, stats = model.generate(prompt(model, P=4), new, generator=torch.Generator().manual_seed(0), return_stats=True,
+    _, stats = engine.generate(model, prompt(model, P=4), new, generator=torch.Generator().manual_seed(0), return_stats=True,
                               **kwargs)
     assert stats['nfe'] == (new if calls_per_block is None else 6 * calls_per_block)
     assert stats['row_nfe'].tolist() == [stats['nfe']] * 2
@@ -311,7 +312,7 @@ RULE_CASES = [dict(rule='threshold', knob=0.05), dict(rule='threshold', knob=0.0
 def test_cached_equals_uncached_for_every_rule(kwargs, P):
     model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2).double()   # confident enough to batch
     idx = prompt(model, P=P)
-    outs = [model.generate(idx, 45, kv_cache=kv, generator=torch.Generator().manual_seed(3), return_stats=True, **kwargs)
+    outs = [engine.generate(model, idx, 45, kv_cache=kv, generator=torch.Generator().manual_seed(3), return_stats=True, **kwargs)
             for kv in (True, False)]
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1]['nfe'] == outs[1][1]['nfe']
     assert outs[0][1]['nfe'] < 45 * 2          # several tokens per call somewhere (else the rule is not exercised)
@@ -322,11 +323,11 @@ def test_a_row_is_the_same_alone_and_in_a_batch_with_other_settings():
     model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2).double()
     idx = prompt(model, B=3, P=3)
     taus, temps, top_ps, lengths = [0.05, 0.5, 1.0], [1.0, 0.7, 0.0], [1.0, 0.8, 0.5], [30, 17, 23]
-    batch, stats = model.generate(idx, lengths, rule='threshold', knob=taus, temperature=temps, top_p=top_ps,
+    batch, stats = engine.generate(model, idx, lengths, rule='threshold', knob=taus, temperature=temps, top_p=top_ps,
                                   return_stats=True,
                                   generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
     for r in range(3):
-        alone, alone_stats = model.generate(idx[r:r + 1], lengths[r], rule='threshold', knob=taus[r], temperature=temps[r],
+        alone, alone_stats = engine.generate(model, idx[r:r + 1], lengths[r], rule='threshold', knob=taus[r], temperature=temps[r],
                                             top_p=top_ps[r], generator=[torch.Generator().manual_seed(5 + r)],
                                             return_stats=True)
         assert torch.equal(alone[0], batch[r, :alone.shape[1]])
@@ -339,7 +340,7 @@ def test_a_row_is_the_same_alone_and_in_a_batch_with_other_settings():
 def test_revealed_tokens_never_change(kwargs, monkeypatch):
     model = random_model(block_size=4, model_length=16, vocab_size=12, seed=2)
     M = model.config.mask_id
-    step, calls = bd3lm.denoise_step, []
+    step, calls = engine.denoise_step, []
 
     def watched(model, xb, masked, *args):
         before = xb.clone()
@@ -349,8 +350,8 @@ def test_revealed_tokens_never_change(kwargs, monkeypatch):
         assert not (xb[masked] != M).any()                             # still-masked positions hold the mask
         calls.append(int(((before == M) & (xb != M)).sum()))
         return called
-    monkeypatch.setattr(bd3lm, 'denoise_step', watched)
-    out = model.generate(prompt(model, P=2), 30, generator=torch.Generator().manual_seed(1), **kwargs)
+    monkeypatch.setattr(engine, 'denoise_step', watched)
+    out = engine.generate(model, prompt(model, P=2), 30, generator=torch.Generator().manual_seed(1), **kwargs)
     assert sum(calls) == 2 * 30 and not (out == M).any()
 
 
@@ -366,7 +367,7 @@ def test_the_proposed_token_follows_the_row_s_temperature_and_top_p(kwargs):
     logits[M] = -float('inf')
     law = bd3lm.nucleus((logits / 0.7).softmax(-1), 0.8)
     n = 20_000
-    out = model.generate(torch.full((n, 1), bos), 1, temperature=0.7, top_p=0.8,
+    out = engine.generate(model, torch.full((n, 1), bos), 1, temperature=0.7, top_p=0.8,
                          generator=torch.Generator().manual_seed(0), **kwargs)
     counts = torch.bincount(out[:, 1], minlength=9).double()
     support = law > 0
@@ -386,7 +387,7 @@ def test_the_proposed_token_follows_the_row_s_temperature_and_top_p(kwargs):
 def test_bad_rule_settings_are_one_line_errors(kwargs, message):
     model = random_model()
     with pytest.raises(ValueError, match=message) as e:
-        model.generate(torch.tensor([[1, 2]]), 4, **kwargs)
+        engine.generate(model, torch.tensor([[1, 2]]), 4, **kwargs)
     assert '\n' not in str(e.value)
 
 
@@ -395,10 +396,10 @@ def test_low_entropy_in_the_same_block_as_an_eos_cuts_as_bd3lms():
     eos = 5
     model = _biased_model(eos, block_size=16, model_length=32, vocab_size=400, eos_id=eos)
     idx = torch.arange(10, 300)[None]                         # 290 distinct tokens, then only EOS is generated
-    out, stats = model.generate(idx, 100, stop_at_eos=True, stop_entropy=4.0, return_stats=True)
+    out, stats = engine.generate(model, idx, 100, stop_at_eos=True, stop_entropy=4.0, return_stats=True)
     # first block end past the prompt: 304; window 48..304 holds 242 distinct + 14 EOS: entropy > 4, so EOS cuts
     assert stats['lengths'].item() == 291
-    out, stats = model.generate(idx[:, :40], 300, stop_at_eos=True, stop_entropy=6.0, return_stats=True)
+    out, stats = engine.generate(model, idx[:, :40], 300, stop_at_eos=True, stop_entropy=6.0, return_stats=True)
     assert stats['lengths'].item() == 41                      # short: only the EOS rule can fire
 
 
@@ -412,9 +413,9 @@ def test_a_short_row_stops_at_its_own_length_beside_a_longer_one():
     idx = torch.full((2, 1), cfg.bos_id)
     kw = dict(rule='tokens_per_call', knob=16, stop_entropy=4.0, stop_at_eos=True, return_stats=True)
     seeds = lambda: [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
-    out, stats = model.generate(idx, [300, 600], generator=seeds(), **kw)
+    out, stats = engine.generate(model, idx, [300, 600], generator=seeds(), **kw)
     for r, n in enumerate((300, 600)):
-        alone, alone_stats = model.generate(idx[r:r + 1], n, generator=seeds()[r:r + 1], **kw)
+        alone, alone_stats = engine.generate(model, idx[r:r + 1], n, generator=seeds()[r:r + 1], **kw)
         assert stats['lengths'][r] == alone_stats['lengths'][0]
         assert torch.equal(out[r, :alone.shape[1]], alone[0])
     assert stats['lengths'][0] == 301                   # the short row kept all its tokens

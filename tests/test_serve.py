@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bd3lm
-from tokenizer import get_tokenizer
+from bd3lm_tools.tokenizer import get_tokenizer
 from conftest import check_engine_rows_equal_generate_alone, random_model
 
 openai = pytest.importorskip('openai', reason='pip install -e ".[test]"')

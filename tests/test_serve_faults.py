@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import bd3lm
-import engine
+from bd3lm_tools import engine
 from conftest import random_model
-from tokenizer import get_tokenizer
+from bd3lm_tools.tokenizer import get_tokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 BOS, POISON = 50256, 666        # a prompt holding POISON makes every model call over it raise
@@ -92,7 +92,7 @@ def poisoned(model):
         if bool((x == POISON).any()):
             raise RuntimeError('poisoned block')
         return real(x, *args, **kwargs)
-    model.transformer = transformer     # every pass (bd3lm.prefill, bd3lm.block_pass) runs model.transformer
+    model.transformer = transformer     # every pass (engine.prefill, engine.block_pass) runs model.transformer
     return model
 
 
@@ -319,12 +319,61 @@ def test_health_under_load_and_token_id_prompts(server):
     assert settled(port)['running'] == 0
 
 
+@pytest.fixture(scope='module')
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('tiny')
+    random_model(vocab_size=50258, block_size=4, model_length=16, hidden_dim=16, cond_dim=8, n_layers=1,
+                 n_heads=2).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--batch_wait_ms=-5'], '--batch_wait_ms=-5: must be a number of milliseconds in [0, 60000]'),
+    (['--batch_wait_ms=1000000000'], '--batch_wait_ms=1000000000: must be a number of milliseconds in [0, 60000]'),
+    (['--max_steps=-1'], '--max_steps=-1: must be a positive integer'),
+    (['--max_batch=0'], '--max_batch=0: must be a positive integer'),
+    (['--read_timeout_s=1e300'], '--read_timeout_s=1e+300: must be a number of seconds in (0, 86400]'),
+    (['--port=70000'], '--port=70000: must be an integer in [1, 65535]'),
+    (['--host=no.such.host.invalid'], '--host=no.such.host.invalid: '),
+    (['--device=gpu'], '--device=gpu: '),
+    (['--device=mps'], '--device=mps: '),
+])
+def test_serve_py_refuses_bad_settings_at_start_in_one_line(tiny_folder, args, message):
+    # Once, --batch_wait_ms=-5 started, and the first request stopped the engine for good (time.sleep(-0.005));
+    # --max_steps=-1 was accepted; --port=70000, an unknown host or device ended in a traceback.
+    if args == ['--device=mps'] and torch.backends.mps.is_available():
+        pytest.skip('this machine has MPS')
+    try:
+        out = subprocess.run([sys.executable, 'serve.py', f'--init_from={tiny_folder}', f'--port={free_port()}', *args],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f'serve.py {" ".join(args)} started serving')
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode in (1, 2) and 'Traceback' not in out.stderr and lines[-1].startswith(message), out.stderr
+
+
+def test_a_prompt_that_starts_with_bos_counts_it_once(monkeypatch):
+    # An MDLM-like model (block_size == model_length == 16): [BOS, 1, 2, 3] + 12 new tokens is 16, which fits;
+    # once, parse_request counted a second BOS for it and refused.
+    monkeypatch.setattr(sys, 'argv', ['serve.py'])       # serve.py reads its settings from the command line
+    serve = importlib.import_module('serve')
+    monkeypatch.setattr(serve, 'tokenizer', get_tokenizer(), raising=False)
+    cfg = bd3lm.BD3LMConfig(vocab_size=50258, block_size=16, model_length=16, hidden_dim=16, cond_dim=8,
+                            n_layers=1, n_heads=2)
+    r = serve.parse_request({'prompt': [BOS, 1, 2, 3], 'max_tokens': 12}, serve.tokenizer, cfg)
+    assert r['prompts'] == [[BOS, 1, 2, 3]]
+    assert serve.parse_request({'prompt': [1, 2, 3], 'max_tokens': 12}, serve.tokenizer, cfg)['prompts'] == [[BOS, 1, 2, 3]]
+    for prompt in ([BOS, 1, 2, 3], [1, 2, 3]):          # one token more does not fit, BOS or not
+        with pytest.raises(serve.RequestError, match='lower max_tokens'):
+            serve.parse_request({'prompt': prompt, 'max_tokens': 13}, serve.tokenizer, cfg)
+
+
 def test_a_row_rejected_at_admission_changes_nothing():
     # A row whose settings the sampler refuses must leave the running rows as they were: once, admission
     # appended it before checking, and the next step failed every row (or ran it with another's settings).
     model = random_model(block_size=4, model_length=16)
     seed = lambda: torch.Generator().manual_seed(0)
-    alone = lambda n, **kw: model.generate(torch.tensor([[35, 1, 2]]), n, generator=[seed()], **kw)[0, 3:].tolist()
+    alone = lambda n, **kw: engine.generate(model, torch.tensor([[35, 1, 2]]), n, generator=[seed()], **kw)[0, 3:].tolist()
     # the engine: a tempered row is running when a row with an out-of-range knob arrives
     eng = engine.Engine(model, 'cpu', 4, 0.0)
     good, bad = Row([35, 1, 2], 400, seed(), temperature=0.7), Row([35, 4], 20, seed(), rule='threshold', knob=2.0)
@@ -338,7 +387,7 @@ def test_a_row_rejected_at_admission_changes_nothing():
     assert bad.cancelled and "rule 'threshold' needs a knob" in bad.error
     assert not good.cancelled and good.tokens == alone(400, temperature=0.7)
     # a batch: beside an untempered first-hitting row, the refused row must not run with its settings
-    batch = engine.Batch(model, 'cpu', bd3lm.KVCache(model, 2, 'cpu'))
+    batch = engine.Batch(model, 'cpu', engine.KVCache(model, 2, 'cpu'))
     good = Row([35, 1, 2], 30, seed())
     batch.admit(good)
     batch.step()

@@ -8,7 +8,8 @@ import torch
 from scipy.stats import chi2
 
 import bd3lm
-import speculative
+from bd3lm_tools import engine
+from bd3lm_tools import speculative
 from conftest import check_engine_rows_equal_generate_alone, random_model
 
 
@@ -111,7 +112,7 @@ def test_speculative_draws_the_one_token_per_call_law(rule, k, order, temperatur
     # order's ties towards the higher position, fails it.
     model = dependent_model()
     n, M = 20_000, model.config.mask_id
-    out, stats = model.generate(torch.full((n, 1), 3), 3, rule=rule, knob=k, order=order,
+    out, stats = engine.generate(model, torch.full((n, 1), 3), 3, rule=rule, knob=k, order=order,
                                 temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(1),
                                 return_stats=True)
     exact = exact_law(model, order, temperature, top_p)
@@ -130,7 +131,7 @@ def test_a_block_drafted_from_the_lookahead_keeps_the_law(rule, order, temperatu
     # now is. 20,000 texts against the exact law: x from the model, then y, z one per call given [BOS, x].
     model = dependent_model(block_size=2, model_length=4)
     n, M = 20_000, model.config.mask_id
-    out, stats = model.generate(torch.full((n, 1), 3), 3, rule=rule, knob=2, order=order, temperature=temperature,
+    out, stats = engine.generate(model, torch.full((n, 1), 3), 3, rule=rule, knob=2, order=order, temperature=temperature,
                                 top_p=top_p, generator=torch.Generator().manual_seed(2), return_stats=True)
     first = exact_law(model, order, temperature, top_p, head=(3,), n=1)
     exact = torch.cat([first[x] * exact_law(model, order, temperature, top_p, head=(3, x), n=2) for x in range(M)])
@@ -143,7 +144,7 @@ def test_confidence_order_law_is_tokens_per_call_one():
     # The same law drawn by bd3lm's own one-token-per-call sampler (tokens_per_call, knob 1).
     model = dependent_model()
     n, M = 20_000, model.config.mask_id
-    out = model.generate(torch.full((n, 1), 3), 3, rule='tokens_per_call', knob=1, order='confidence',
+    out = engine.generate(model, torch.full((n, 1), 3), 3, rule='tokens_per_call', knob=1, order='confidence',
                          temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1))
     assert chi_square_p(counts_of(out, M), exact_law(model, 'confidence', 0.8, 0.9)) > 0.01
 
@@ -195,8 +196,8 @@ def test_draft_bytes_is_what_a_draft_keeps(monkeypatch):
     monkeypatch.setattr(speculative, 'draft', draft)
     for name, k, order in (('speculative', 2, 'uniform'), ('speculative_wide', 16, 'confidence')):
         sizes.clear()
-        model.generate(torch.full((1, 1), 3), 7, rule=name, knob=k, order=order)
-        rule = bd3lm.RULES[name]
+        engine.generate(model, torch.full((1, 1), 3), 7, rule=name, knob=k, order=order)
+        rule = engine.RULES[name]
         assert max(q.numel() * q.element_size() for q in sizes) == rule.draft_bytes(k, order, model.config) > 0
 
 
@@ -204,7 +205,7 @@ def test_entropy_order_law_is_entropy_bound_zero():
     # The same law drawn by bd3lm's own one-token-per-call sampler (entropy_bound, gamma = 0).
     model = dependent_model()
     n, M = 20_000, model.config.mask_id
-    out = model.generate(torch.full((n, 1), 3), 3, rule='entropy_bound', knob=0.0,
+    out = engine.generate(model, torch.full((n, 1), 3), 3, rule='entropy_bound', knob=0.0,
                          generator=torch.Generator().manual_seed(1))
     assert chi_square_p(counts_of(out, M), exact_law(model, 'entropy')) > 0.01
 
@@ -213,8 +214,8 @@ def test_knob_0_is_first_hitting_token_for_token():
     model = random_model(block_size=4, model_length=16)
     idx = torch.randint(0, 36, (3, 5), generator=torch.Generator().manual_seed(0))
     kw = dict(temperature=0.9, top_p=0.95, return_stats=True)
-    a, sa = model.generate(idx, 30, rule='speculative', knob=0, generator=torch.Generator().manual_seed(3), **kw)
-    b, sb = model.generate(idx, 30, generator=torch.Generator().manual_seed(3), **kw)
+    a, sa = engine.generate(model, idx, 30, rule='speculative', knob=0, generator=torch.Generator().manual_seed(3), **kw)
+    b, sb = engine.generate(model, idx, 30, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a, b) and torch.equal(sa['row_nfe'], sb['row_nfe'])
     assert sa['nfe'] == 30 and torch.equal(sa['rows_x_tokens'], 30 * 4 * torch.ones(3, dtype=torch.long))
 
@@ -224,8 +225,8 @@ def test_greedy_matches_first_hitting_in_one_block():
     model = random_model(block_size=8, model_length=8)
     idx = torch.full((4, 1), 3)
     for k in (1, 3, 7):
-        a = model.generate(idx, 7, rule='speculative', knob=k, temperature=0.0, generator=torch.Generator().manual_seed(5))
-        b = model.generate(idx, 7, temperature=0.0, generator=torch.Generator().manual_seed(5))
+        a = engine.generate(model, idx, 7, rule='speculative', knob=k, temperature=0.0, generator=torch.Generator().manual_seed(5))
+        b = engine.generate(model, idx, 7, temperature=0.0, generator=torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
 
 
@@ -239,7 +240,7 @@ def test_calls_fall_with_k_on_a_confident_model():
     idx = torch.full((2, 16), 3)
     new = 48
     for k, calls in ((0, new), (1, 9 + 2 * 8), (3, 5 + 2 * 4), (15, 2 + 2 * 1)):
-        _, stats = model.generate(idx, new, rule='speculative', knob=k, generator=torch.Generator().manual_seed(0),
+        _, stats = engine.generate(model, idx, new, rule='speculative', knob=k, generator=torch.Generator().manual_seed(0),
                                   return_stats=True)
         assert stats['nfe'] == calls, k
         # rows x tokens: a call runs one row per token it reveals (1 + drafts), 16 tokens each, and each
@@ -252,7 +253,7 @@ def test_calls_fall_with_k_on_a_confident_model():
 def test_cached_equals_uncached_past_model_length(rule, order):
     model = random_model(block_size=4, model_length=16)
     idx = torch.randint(0, 36, (2, 6), generator=torch.Generator().manual_seed(0))
-    outs = [model.generate(idx, 40, rule=rule, knob=3, order=order, temperature=0.8, top_p=0.9,
+    outs = [engine.generate(model, idx, 40, rule=rule, knob=3, order=order, temperature=0.8, top_p=0.9,
                            kv_cache=kv, generator=torch.Generator().manual_seed(7)) for kv in (True, False)]
     assert torch.equal(outs[0], outs[1])
     assert not (outs[0] == model.config.mask_id).any()
@@ -270,9 +271,9 @@ def test_a_row_alone_equals_the_row_in_a_batch():
     lengths = [21, 9, 30, 14]
     per_row = {key: [s.get(key) for s in SETTINGS] for key in ('rule', 'knob', 'order', 'temperature', 'top_p')}
     gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
-    out, stats = model.generate(idx, lengths, generator=gens, return_stats=True, **per_row)
+    out, stats = engine.generate(model, idx, lengths, generator=gens, return_stats=True, **per_row)
     for i, s in enumerate(SETTINGS):
-        alone, st = model.generate(idx[i:i + 1], lengths[i], generator=[torch.Generator().manual_seed(100 + i)],
+        alone, st = engine.generate(model, idx[i:i + 1], lengths[i], generator=[torch.Generator().manual_seed(100 + i)],
                                    return_stats=True, **s)
         assert torch.equal(out[i, :3 + lengths[i]], alone[0]), i
         assert stats['row_nfe'][i] == st['row_nfe'][0] and stats['rows_x_tokens'][i] == st['rows_x_tokens'][0]
@@ -292,7 +293,7 @@ def test_wide_drafts_more_rows_for_fewer_calls():
     # Two candidates per reveal: more verify rows per call, fewer calls than one candidate (the same k).
     model = dependent_model()
     idx = torch.full((4000, 1), 3)
-    runs = [model.generate(idx, 3, rule=rule, knob=2, generator=torch.Generator().manual_seed(0),
+    runs = [engine.generate(model, idx, 3, rule=rule, knob=2, generator=torch.Generator().manual_seed(0),
                            return_stats=True)[1] for rule in ('speculative', 'speculative_wide')]
     assert runs[1]['row_nfe'].double().mean() < runs[0]['row_nfe'].double().mean()
     rows_per_call = [float(r['rows_x_tokens'].sum()) / float(r['row_nfe'].sum()) for r in runs]
@@ -304,7 +305,7 @@ def test_a_huge_knob_drafts_the_whole_block():
     # as knob = block_size, token for token (it once overflowed to a negative count and drafted nothing).
     model = random_model(block_size=4, model_length=16)
     idx = torch.randint(0, 36, (8, 3), generator=torch.Generator().manual_seed(0))
-    runs = [model.generate(idx, 30, rule='speculative', knob=k, generator=torch.Generator().manual_seed(2),
+    runs = [engine.generate(model, idx, 30, rule='speculative', knob=k, generator=torch.Generator().manual_seed(2),
                            return_stats=True) for k in (10 ** 19, 4, 0)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]['row_nfe'], runs[1][1]['row_nfe'])
     assert runs[0][1]['row_nfe'].sum() < runs[2][1]['row_nfe'].sum()      # fewer calls than one per token

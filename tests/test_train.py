@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 import bd3lm
-import tokenizer
-from tokenizer import get_tokenizer
+from bd3lm_tools import tokenizer
+from bd3lm_tools.tokenizer import get_tokenizer
 from conftest import random_model
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')

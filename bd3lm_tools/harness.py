@@ -2,10 +2,10 @@
 BD3-LM in EleutherAI's lm-evaluation-harness (lm-eval 0.4). Importing this module registers the
 model as 'bd3lm'; running it as a script runs lm-eval's own command line with the model registered.
 
-    import harness, lm_eval
+    import lm_eval, bd3lm_tools.harness
     lm_eval.simple_evaluate(model='bd3lm', model_args='init_from=out-demo', tasks=['piqa'])
 
-    python -m harness --model bd3lm --model_args init_from=out-demo,estimator=exact --tasks piqa
+    python -m bd3lm_tools.harness --model bd3lm --model_args init_from=out-demo,estimator=exact --tasks piqa
 
 A block diffusion model factorizes over blocks: log p(continuation | context) is a sum over the
 continuation's blocks, each conditioned on the clean blocks before it. One training pass
@@ -38,8 +38,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import bd3lm
+from bd3lm_tools import engine
 
-from tokenizer import get_tokenizer
+from bd3lm_tools.tokenizer import get_tokenizer
 
 ESTIMATORS = ('bound', 'exact', 'elbo')
 EXACT_MAX_BLOCK = 8  # 2^8 - 1 = 255 masking patterns per request; beyond, the DP costs too much
@@ -48,12 +49,27 @@ EXACT_MAX_BLOCK = 8  # 2^8 - 1 = 255 masking patterns per request; beyond, the D
 # Scoring one token sequence: the layout, the bound, the exact DP, the greedy check
 
 
+def windows(n, n_cont, model_length):
+    """The windows (lo, hi, k) that score the last n_cont of n tokens: ids[lo:hi] scores its last k. One
+    window, the last model_length tokens, when the continuation fits beside a token of context (lm-eval's
+    HF model); else loglikelihood_rolling's windows of the whole text (ids[0:model_length], then
+    model_length - 1 new tokens at a time, the last window ending at n), each scoring the continuation
+    tokens among its new ones: every continuation token is scored once."""
+    if n_cont < model_length:
+        return [(max(0, n - model_length), n, n_cont)]
+    ends = list(range(model_length, n, model_length - 1)) + [n]
+    start = n - n_cont
+    return [(max(0, hi - model_length), hi, hi - max(new, start)) for new, hi in zip([1] + ends, ends) if hi > start]
+
+
 def layout(ids, n_cont, block_size, model_length, pad_id):
     """The last n_cont of `ids` are scored. Keeps the last model_length tokens (position 0 of what
     is kept is context, never scored) and pads the end to a whole block with pad_id.
     Returns x0 (1, L), scored (1, L) bool and pad (1, L) bool."""
     ids = list(ids)[-model_length:]
-    n_cont = min(n_cont, len(ids) - 1)
+    if n_cont >= len(ids):
+        raise ValueError(f'{n_cont} tokens to score need at least one token of context before them within '
+                         f'model_length={model_length}; score longer continuations in windows (harness.windows)')
     L = -(-len(ids) // block_size) * block_size
     x0 = torch.full((1, L), pad_id, dtype=torch.long)
     x0[0, :len(ids)] = torch.tensor(ids)
@@ -231,7 +247,15 @@ class BD3LMEval(TemplateLM):
 
     def score(self, ids, n_cont, key):
         """(log p of the last n_cont tokens of ids given the others, is_greedy). key seeds the
-        bound's noise: requests with the same key share it."""
+        bound's noise: requests with the same key share it. A continuation too long for one window is
+        summed over windows (see windows())."""
+        ll, greedy = 0.0, True
+        for i, (lo, hi, k) in enumerate(windows(len(ids), n_cont, self.config.model_length)):
+            part, part_greedy = self._score_window(ids[lo:hi], k, key if i == 0 else (key, i))
+            ll, greedy = ll + part, greedy and part_greedy
+        return ll, greedy
+
+    def _score_window(self, ids, n_cont, key):
         cfg = self.config
         if n_cont == 0:
             return 0.0, True
@@ -291,8 +315,8 @@ class BD3LMEval(TemplateLM):
         extra = {}  # the rule and its knob are passed only when asked for
         rule, knob = kw.pop('rule', self.rule), kw.pop('knob', self.knob)
         if rule is not None:
-            if rule not in bd3lm.RULES:
-                raise ValueError(f'unknown rule {rule!r}; bd3lm.RULES has {sorted(bd3lm.RULES)}')
+            if rule not in engine.rules():
+                raise ValueError(f'unknown rule {rule!r}; choose one of {sorted(engine.rules())}')
             extra['rule'] = rule
         if knob is not None:
             extra['knob'] = knob
@@ -301,7 +325,7 @@ class BD3LMEval(TemplateLM):
         prompt = prompt[-max(self.max_length - max_new, 1):]
         g = torch.Generator(device=self._device).manual_seed(_seed(self.seed, context))
         idx = torch.tensor([prompt], device=self._device)
-        x = self.model.generate(idx, max_new, temperature=temperature, generator=g, stop_at_eos=True,
+        x = engine.generate(self.model, idx, max_new, temperature=temperature, generator=g, stop_at_eos=True,
                                 top_p=float(kw.pop('top_p', 1.0)), **extra)
         new = x[0, len(prompt):].tolist()
         new = new[:new.index(self.config.eos_id)] if self.config.eos_id in new else new

@@ -1,7 +1,8 @@
 """
 Lossless speculative decoding for BD3-LM: several tokens per model call, each one still drawn from the law
-of a one-token-per-call sampler. Registered as bd3lm.RULES['speculative'] (one candidate per reveal) and
-bd3lm.RULES['speculative_wide'] (WIDE_CANDIDATES per reveal); bd3lm.py imports this file.
+of a one-token-per-call sampler. Registered with the engine as engine.RULES['speculative'] (one candidate per
+reveal) and engine.RULES['speculative_wide'] (WIDE_CANDIDATES per reveal): engine.generate and serve.py run
+them (bd3lm_tools imports this file).
 
 The one-token-per-call laws, by order:
   'uniform'     first-hitting's: positions in a uniformly random order drawn once per block
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 import bd3lm
+from bd3lm_tools import engine
 
 WIDE_CANDIDATES = 4     # candidates per reveal of RULES['speculative_wide'] (known_law.py: why 4)
 PICK_CHUNK = 2 ** 22    # rival tests (N x bs x pairs) pick_law holds at once: ~32 MB per float64 temporary
@@ -99,7 +101,7 @@ def full_law(p, rows):
     probs = p.probs[rows]
     where = p.masked[rows].nonzero(as_tuple=True)
     law = torch.zeros_like(probs)
-    law[where] = p.law((rows[where[0]], where[1]))
+    law[where] = p.law_at((rows[where[0]], where[1]))
     return probs, law
 
 
@@ -126,7 +128,7 @@ def draft(source, k, xb, generator, candidates=1):
         return Draft(xb[:, None], depth, present, zeros, zeros, torch.zeros(G, m, 0, dtype=torch.float64,
                      device=device), torch.zeros(G, m, dtype=torch.float64, device=device), C, ahead)
     # Uniforms indexed by (depth, candidate), never by m: a row draws the same whatever its batch mates do.
-    u_draft, u_accept = bd3lm.rand((G, 2, bs * C), generator, device, depth > 0).unbind(1)
+    u_draft, u_accept = engine.rand((G, 2, bs * C), generator, device, depth > 0).unbind(1)
     source.masked = source.masked & (depth > 0)[:, None]    # rows that draft nothing compute no fields
     q = torch.zeros(G, m, bs * V if pairs else V, dtype=torch.float64, device=device)
     positions, tokens, versions = zeros.clone(), zeros.clone(), xb[:, None].repeat(1, m, 1)
@@ -140,7 +142,7 @@ def draft(source, k, xb, generator, candidates=1):
         if pairs:
             remaining = pick_law(probs[r], law[r], still[r])
         else:
-            remaining = source.law((r, ranked[r, d]))
+            remaining = source.law_at((r, ranked[r, d]))
         for i in range(C):
             node = 1 + d * C + i
             mass = remaining.sum(-1)
@@ -164,7 +166,7 @@ def target_law(here, r, pairs):
     if pairs:
         return pick_law(*full_law(here, r), here.masked[r]), None
     pick = bd3lm.first(here.priority, here.masked, 1).double().argmax(-1)[r]
-    return here.law((r, pick)), pick
+    return here.law_at((r, pick)), pick
 
 
 def version(p, j, masked):
@@ -172,7 +174,7 @@ def version(p, j, masked):
     order and draws, still masked where `masked`. (What the walk below reads at each depth.)"""
     h, c = p.versions
     j = (slice(None), j) if isinstance(j, int) else (torch.arange(h.shape[0], device=h.device), j)
-    return bd3lm.Proposal(p.model, h[j], masked, p.uniform, p.u_token, p.sampling, p.rows, p.order,
+    return engine.Proposal(p.model, h[j], masked, p.uniform, p.u_token, p.sampling, p.rows, p.order,
                           None if c is None else c[j])
 
 
@@ -226,35 +228,6 @@ def speculative(p, k):
     return p.masked & ~masked, tokens, torch.where(ended, lookahead, keep)
 
 
-# --- The sampler's side: what bd3lm.denoise_step runs when some row's rule drafts (has rule.draft) ----------
-
-def verify_rows(model, xb, masked, uniform, u_token, state, sampling, c, generator):
-    """Before the model call: each drafting row's verify rows (rule.draft of its group), the other rows'
-    block alone, padded with copies of it. Returns versions (B, m, bs), their conditioning (B * m, cond_dim)
-    or None, {group index: the group's draft} and (B,) the rows each row really runs."""
-    B, bs = xb.shape
-    drafts = {}
-    for i, (rule, order, rows) in enumerate(sampling.rules):
-        if hasattr(rule, 'draft'):
-            take = (lambda t: t) if rows is None else (lambda t: t[rows])
-            source = bd3lm.Proposal(model, take(state), take(masked), take(uniform), take(u_token), sampling, rows,
-                                    order, None if c is None else take(c))
-            per_row = isinstance(generator, (list, tuple)) and rows is not None
-            gen = [generator[r] for r in rows.tolist()] if per_row else generator
-            drafts[i] = rule.draft(source, take(sampling.knob), take(xb), gen)
-    m = max([d.versions.shape[1] for d in drafts.values()] + [1])
-    versions = xb[:, None].repeat(1, m, 1)
-    n_rows = torch.ones(B, dtype=torch.long, device=xb.device)
-    ahead = torch.full((B,), -1, dtype=torch.long, device=xb.device)
-    for i, d in drafts.items():
-        rows = slice(None) if sampling.rules[i][2] is None else sampling.rules[i][2]
-        versions[rows, :d.versions.shape[1]] = d.versions
-        n_rows[rows] = 1 + d.n + (d.ahead >= 0)
-        ahead[rows] = d.ahead
-    t = (masked[:, None] & (versions == model.config.mask_id)).sum(-1) / bs      # each version's masked fraction
-    return versions, model.cond(t.flatten(), t.numel()), drafts, n_rows, ahead if (ahead >= 0).any() else None
-
-
 def draft_bytes(candidates, k, order, config):
     """Bytes of the draft laws (Draft.q) a row keeps per call at knob k: 1 + C min(k, bs - 1) nodes, each a
     float64 law over the vocabulary, or over (position, token) pairs with order='confidence' (serve.py caps it)."""
@@ -273,5 +246,5 @@ def speculative_rule(candidates):
     return rule
 
 
-bd3lm.RULES['speculative'] = speculative_rule(1)
-bd3lm.RULES['speculative_wide'] = speculative_rule(WIDE_CANDIDATES)
+engine.RULES['speculative'] = speculative_rule(1)
+engine.RULES['speculative_wide'] = speculative_rule(WIDE_CANDIDATES)
