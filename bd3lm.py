@@ -13,10 +13,10 @@ Read top to bottom:
   4. noise          schedules, clipped intervals, the forward (masking) process
   5. model          BD3LM: the training pass over cat([xt, x0]) (length 2L), the inference pass, the NELBO
   6. search         the clipped ("data-driven") schedule: the interval that minimises the NELBO's variance
-  7. sampler        Alg. 2: block by block with an exact KV cache; unmasking rules registered in RULES
-  8. checks         every sampler setting checked once, before anything runs
-Beside it: speculative.py (lossless speculative decoding, the rules that draft), checkpoints.py (file
-formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), engine.py (the per-row batching that serve.py runs).
+  7. sampler        Alg. 2, plainly: block by block over a KV cache; unmasking rules registered in RULES
+  8. checks         every sampler argument checked once, before anything runs
+Beside it, in bd3lm_tools/: engine.py (the same sampler, fast: what sample.py, serve.py and the harness run),
+speculative.py, checkpoints.py (file formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), harness.py.
 """
 
 import functools
@@ -691,10 +691,11 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
     temperature (0 = greedy) and top_p (nucleus; nucleus='bd3lms' drops the token crossing top_p); one
     setting for the whole batch. stop_at_eos / stop_entropy end a row early (apply_stops); ended rows are
     filled with eos_id. on_block(x, end) is called after each block with the tokens so far."""
-    s = check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
-                       stop_entropy, eos_id)
+    s = check_generate(model.config, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus,
+                       generator, stop_entropy, eos_id)
     bs, mask_id, (B, P) = model.config.block_size, model.config.mask_id, idx.shape
     total, device = P + s.new, model.vocab_embed.embedding.device
+    s.knob = torch.full((B,), s.knob, dtype=torch.float64, device=device)     # rules take a knob per row
     x = torch.full((B, -(-total // bs) * bs), mask_id, dtype=torch.long, device=device)
     x[:, :P] = idx
     lengths, done = torch.full((B,), total, device=device), torch.zeros(B, dtype=torch.bool, device=device)
@@ -797,12 +798,18 @@ class Proposal:
         logits[..., s.mask_id] = -math.inf
         log_p = logits.log_softmax(-1)
         self.masked, self.uniform, self.probs = masked, uniform, log_p.exp()
-        self.law = tempered(logits, s.temperature, s.top_p, s.nucleus)
+        if s.temperature == 0:                                    # greedy: all mass on the most likely token
+            self.law = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+        else:
+            self.law = (logits / s.temperature if s.temperature != 1 else logits).softmax(-1)
+        if s.top_p < 1:
+            self.law = nucleus(self.law, s.top_p, s.nucleus)
         self.tokens = sample_categorical(self.law, u)
         self.confidence = self.probs.gather(-1, self.tokens[..., None]).squeeze(-1)
         self.entropy = -(self.probs * log_p.nan_to_num(neginf=0.0)).sum(-1)
         self.priority = {'uniform': uniform, 'confidence': self.confidence, 'entropy': -self.entropy}[s.order]
-        self.leading = leading(self.priority, masked)
+        top = self.priority.masked_fill(~masked, -math.inf).argmax(-1, keepdim=True)
+        self.leading = masked & torch.zeros_like(masked).scatter_(-1, top, True)      # first masked in the order
 
 # --- Unmasking rules ------------------------------------------------------------
 #
@@ -851,12 +858,6 @@ def first(priority, masked, n):
     return masked & (rank < n.view(-1, 1))
 
 
-def leading(priority, masked):
-    """The first masked position of each row in the order `priority` (B, bs), as a (B, bs) bool."""
-    top = priority.masked_fill(~masked, -math.inf).argmax(-1, keepdim=True)
-    return masked & torch.zeros_like(masked).scatter_(-1, top, True)
-
-
 first_hitting.knob, first_hitting.order, first_hitting.orders = None, 'uniform', ('uniform',)
 steps.knob, steps.order = (1, math.inf), 'uniform'
 threshold.knob = (0.0, 1.0)
@@ -867,16 +868,6 @@ RULES = {'first_hitting': first_hitting, 'steps': steps, 'threshold': threshold,
 ORDERS = ('uniform', 'confidence', 'entropy')
 
 # --- Drawing tokens and stopping ------------------------------------------------
-
-
-def tempered(logits, temperature, top_p, rule='standard'):
-    """The law (..., V) tokens are drawn from: softmax(logits / temperature) (0: all mass on the argmax),
-    then nucleus filtering to top_p."""
-    if temperature == 0:
-        probs = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-    else:
-        probs = (logits / temperature if temperature != 1 else logits).softmax(-1)
-    return probs if top_p >= 1 else nucleus(probs, top_p, rule)
 
 
 def nucleus(probs, top_p, rule='standard'):
@@ -920,84 +911,61 @@ def unigram_entropy(tokens):
     return float(-(p * p.log()).sum())
 
 # -----------------------------------------------------------------------------
-# 8. Checks: every sampler argument checked before anything runs, each with a one-line error
+# 8. Checks: every argument of generate checked before anything runs, each with a one-line error
 
-def scalar(value):
-    """A 0-d tensor as the Python number it holds; anything else as it is."""
-    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
-
-
-def is_number(value, kind=(int, float)):
-    return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_rule(rule, knob, order, rules=None):
-    """One row's rule name, knob and order -> (the rule, its order, its knob as a float)."""
-    rules = RULES if rules is None else rules
+def check_generate(config, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0,
+                   top_p=1.0, nucleus='standard', generator=None, stop_entropy=None, eos_id=None, rules=None):
+    """generate's arguments, for a model of this config -> its settings: rule (the function), order, knob,
+    temperature, top_p, nucleus, mask_id, eos_id, new (max_new_tokens). A 0-d tensor counts as the number it holds. rules: the
+    registry to look rule up in (default RULES; the engine adds its drafting rules)."""
+    cfg, rules = config, RULES if rules is None else rules
+    scalar = lambda v: v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+    number = lambda v, kind=(int, float): isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()
+            and not idx.is_complex() and idx.dtype != torch.bool):
+        raise ValueError(f"idx must be a (B, P) integer tensor of prompt ids with B, P >= 1 (start it with the "
+                         f"model's BOS, config.bos_id = {cfg.bos_id}), got {getattr(idx, 'dtype', type(idx))} of "
+                         f"shape {tuple(getattr(idx, 'shape', ()))}")
+    if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size or (idx == cfg.mask_id).any():
+        raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}] and not be the mask id {cfg.mask_id}')
+    new, P = scalar(max_new_tokens), idx.shape[1]
+    if not (number(new, int) and new > 0):
+        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
+    if cfg.block_size == cfg.model_length and P + new > cfg.model_length:
+        raise ValueError(f'this model is MDLM-like (block_size = model_length = {cfg.model_length}): it generates at '
+                         f'most {cfg.model_length} tokens with the prompt ({P} + {new} asked); lower '
+                         f'max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
     fn = rules.get(rule) if isinstance(rule, str) else None
     if fn is None:
         raise ValueError(f'rule must be one of {sorted(rules)}, got {rule!r}')
     order = order or getattr(fn, 'order', 'confidence')
     if order not in getattr(fn, 'orders', ORDERS):
         raise ValueError(f'order must be one of {getattr(fn, "orders", ORDERS)} for rule {rule!r}, got {order!r}')
-    knob, spec = scalar(knob), getattr(fn, 'knob', ...)              # ...: the rule declares no range
+    knob, spec = scalar(knob), getattr(fn, 'knob', ...)          # ...: the rule declares no range
     if spec is None or (spec is ... and knob is None):
         if knob is not None:
             raise ValueError(f'knob: rule {rule!r} takes no knob, got {knob!r}')
-        return fn, order, 0.0
-    low, high = (-math.inf, math.inf) if spec is ... else spec
-    integer = isinstance(low, int)
-    if not ((is_number(knob, int if integer else (int, float)) or knob == math.inf) and low <= knob <= high):
-        raise ValueError(f'knob: rule {rule!r} needs a knob that is {"an integer" if integer else "a number"} in '
-                         f'[{low}, {high}], got {knob!r}')
-    return fn, order, float(knob)
-
-
-def check_sampling(temperature, top_p, nucleus):
-    """temperature and top_p of one row -> floats."""
+        knob = 0.0
+    else:
+        low, high = (-math.inf, math.inf) if spec is ... else spec
+        integer = isinstance(low, int)
+        if not ((number(knob, int if integer else (int, float)) or knob == math.inf) and low <= knob <= high):
+            raise ValueError(f'knob: rule {rule!r} needs a knob that is {"an integer" if integer else "a number"} '
+                             f'in [{low}, {high}], got {knob!r}')
     temperature, top_p = scalar(temperature), scalar(top_p)
-    if not (is_number(temperature) and (temperature == 0 or temperature >= 1e-6)):
+    if not (number(temperature) and (temperature == 0 or temperature >= 1e-6)):
         raise ValueError(f'temperature must be 0 (greedy) or a finite number >= 1e-6, got {temperature!r}')
-    if not (is_number(top_p) and 0 < top_p <= 1):
+    if not (number(top_p) and 0 < top_p <= 1):
         raise ValueError(f'top_p must be a number in (0, 1], got {top_p!r}')
     if nucleus not in ('standard', 'bd3lms'):
         raise ValueError(f"nucleus must be one of ('standard', 'bd3lms'), got {nucleus!r}")
-    return float(temperature), float(top_p)
-
-
-def check_prompt(model, idx, max_new_tokens, stop_entropy, eos_id):
-    """The prompt and the generation's extent -> (max_new_tokens, eos_id)."""
-    cfg, max_new_tokens = model.config, scalar(max_new_tokens)
-    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[0] > 0 and idx.shape[1] > 0
-            and not idx.is_floating_point() and not idx.is_complex() and idx.dtype != torch.bool):
-        raise ValueError(f"idx must be a (B, P) integer tensor of prompt ids with B, P >= 1 (start it with the "
-                         f"model's BOS, config.bos_id = {cfg.bos_id}), got {getattr(idx, 'dtype', type(idx))} "
-                         f"of shape {tuple(getattr(idx, 'shape', ()))}")
-    if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size or (idx == cfg.mask_id).any():
-        raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}] and not be the mask id {cfg.mask_id}')
-    if not (is_number(max_new_tokens, int) and max_new_tokens > 0):
-        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
-    if cfg.block_size == cfg.model_length and idx.shape[1] + max_new_tokens > cfg.model_length:
-        raise ValueError(f'this model is MDLM-like (block_size = model_length = {cfg.model_length}): it generates at '
-                         f'most {cfg.model_length} tokens with the prompt ({idx.shape[1]} + {max_new_tokens} asked); '
-                         f'lower max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
     eos_id, stop_entropy = cfg.eos_id if eos_id is None else scalar(eos_id), scalar(stop_entropy)
-    if not (is_number(eos_id, int) and 0 <= eos_id < cfg.vocab_size and eos_id != cfg.mask_id):
+    if not (number(eos_id, int) and 0 <= eos_id < cfg.vocab_size and eos_id != cfg.mask_id):
         raise ValueError(f'eos_id must be a token id in [0, {cfg.vocab_size - 1}] other than the mask id '
                          f'{cfg.mask_id}, got {eos_id!r}')
-    if stop_entropy is not None and not is_number(stop_entropy):
+    if stop_entropy is not None and not number(stop_entropy):
         raise ValueError(f'stop_entropy must be a number (nats; the paper uses 4) or None, got {stop_entropy!r}')
-    return max_new_tokens, eos_id
-
-
-def check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
-                   stop_entropy, eos_id):
-    """generate's arguments -> its settings (rule, knob (B,), order, temperature, top_p, nucleus, ids)."""
-    max_new_tokens, eos_id = check_prompt(model, idx, max_new_tokens, stop_entropy, eos_id)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f'generator must be a torch.Generator or None, got {type(generator).__name__}')
-    fn, order, knob = check_rule(rule, knob, order)
-    temperature, top_p = check_sampling(temperature, top_p, nucleus)
-    return SimpleNamespace(rule=fn, order=order, knob=torch.full((idx.shape[0],), knob, dtype=torch.float64,
-                           device=model.vocab_embed.embedding.device), temperature=temperature, top_p=top_p,
-                           nucleus=nucleus, mask_id=model.config.mask_id, eos_id=eos_id, new=max_new_tokens)
+    return SimpleNamespace(rule=fn, order=order, knob=float(knob), temperature=float(temperature), top_p=float(top_p),
+                           nucleus=nucleus, mask_id=cfg.mask_id, eos_id=eos_id, new=new)

@@ -70,11 +70,6 @@ _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a 
 for _name, _ok, _what in _checks:
     if not _ok:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
-try:  # the unmasking rule and its knob, checked by the sampler itself
-    bd3lm.check_rule(rule, knob, order, engine.rules())
-    bd3lm.check_sampling(temperature, top_p, nucleus)
-except ValueError as e:
-    raise SystemExit(f'--{e}') from None
 if device != 'auto':    # a device name torch knows, which this machine and this torch build have
     try:
         torch.empty(0, device=device)
@@ -112,6 +107,11 @@ if cfg.block_size == cfg.model_length and len(prompt) + max_new_tokens > cfg.mod
                      f'{cfg.model_length}), so the prompt ({len(prompt)} tokens with BOS) and the new tokens must fit '
                      f'in {cfg.model_length}; lower --max_new_tokens or shorten --start')
 idx = torch.tensor([prompt] * num_samples, device=device)
+try:  # the unmasking rule, its knob and the other settings, checked by the sampler itself
+    bd3lm.check_generate(model.config, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
+                         stop_entropy, rules=engine.rules())
+except ValueError as e:
+    raise SystemExit(f'--{e}') from None
 print(f'{init_from}: block_size={cfg.block_size}, context {cfg.model_length}, '
       f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {device} {dtype}', file=sys.stderr)
 

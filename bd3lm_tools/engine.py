@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import bd3lm
-from bd3lm import apply_stops, first, leading, nucleus, sample_categorical
+from bd3lm import apply_stops, nucleus, sample_categorical
 
 # -----------------------------------------------------------------------------
 # The fast sampler
@@ -232,7 +232,8 @@ class Proposal:
 
     @lazy
     def leading(self):
-        return leading(self.priority, self.masked)
+        first_in_order = torch.where(self.masked, self.priority, -math.inf).argmax(-1, keepdim=True)
+        return self.masked & torch.zeros_like(self.masked).scatter_(-1, first_in_order, True)
 
     @lazy
     def tokens(self):
@@ -491,33 +492,25 @@ def rules():
 
 class Sampling:
     """How a batch of rows samples, row by row (what a row draws never depends on its batch mates): each
-    row's rule, knob and order, temperature and top_p, checked by bd3lm's checks. Each argument: one value,
-    or one per row (B rows). Also what is constant for one generation: the conditioning c (B, cond_dim) of a
-    model without time conditioning and its layers' modulations, computed here once and dropped with it."""
+    row's rule, knob and order, temperature and top_p, each checked by bd3lm.check_generate. Each argument:
+    one value, or one per row (B rows). Also what is constant for one generation: the conditioning c
+    (B, cond_dim) of a model without time conditioning and its layers' modulations, computed here once and
+    dropped with the Sampling (a serving Batch makes a new one whenever its rows change)."""
 
     def __init__(self, model, B, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
                  nucleus='standard'):
-        def per_row(name, value, many=(list, tuple, torch.Tensor)):
-            value = bd3lm.scalar(value)
-            values = list(value.tolist() if isinstance(value, torch.Tensor) else value) if isinstance(value, many) \
-                else [value] * B
-            if len(values) != B:
-                raise ValueError(f'{name} takes one value or one per row ({B} rows), got {len(values)}')
-            return values
-        groups, knobs, device = {}, [], model.vocab_embed.embedding.device    # (rule, order) -> its rows
-        for r, (name, k, o) in enumerate(zip(per_row('rule', rule, (list, tuple)), per_row('knob', knob),
-                                             per_row('order', order, (list, tuple)))):
-            fn, o, k = bd3lm.check_rule(name, k, o, rules())
-            knobs.append(k)
-            groups.setdefault((name, o), []).append(r)
-        checked = [bd3lm.check_sampling(t, p, nucleus) for t, p in zip(per_row('temperature', temperature),
-                                                                      per_row('top_p', top_p))]
-        self.knob = torch.tensor(knobs, dtype=torch.float64, device=device)
-        self.temperature, self.top_p = torch.tensor(checked, dtype=torch.float64, device=device).T
+        groups, rows, device = {}, [], model.vocab_embed.embedding.device    # (rule, order) -> its rows
+        probe = torch.full((1, 1), model.config.bos_id)
+        settings = dict(rule=rule, knob=knob, order=order, temperature=temperature, top_p=top_p)
+        for r, (name, k, o, t, p) in enumerate(zip(*(per_row(n, v, B) for n, v in settings.items()))):
+            rows.append(bd3lm.check_generate(model.config, probe, 1, name, k, o, t, p, nucleus, rules=rules()))
+            groups.setdefault((name, rows[-1].order), []).append(r)
+        as_tensor = lambda field: torch.tensor([getattr(x, field) for x in rows], dtype=torch.float64, device=device)
+        self.knob, self.temperature, self.top_p = as_tensor('knob'), as_tensor('temperature'), as_tensor('top_p')
         self.nucleus = nucleus
         # (rule, order, its rows or None for all): what denoise_step loops over
-        self.rules = [(rules()[name], o, None if len(rows) == B else torch.tensor(rows, device=device))
-                      for (name, o), rows in groups.items()]
+        self.rules = [(rules()[name], o, None if len(r) == B else torch.tensor(r, device=device))
+                      for (name, o), r in groups.items()]
         self.drafting = any(hasattr(rule, 'draft') for rule, _, _ in self.rules)   # some row runs verify rows
         # Decided once, not per model call: which of temperature, greedy rows and nucleus are in play.
         self.greedy = self.temperature == 0
@@ -527,24 +520,29 @@ class Sampling:
         self.mods = None if self.c is None else model.modulations(self.c)
 
 
+def per_row(name, value, B):
+    """One value per row: a list or tuple (or a tensor of B values) as it is, anything else B times."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = value.tolist()
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * B
+    if len(values) != B:
+        raise ValueError(f'{name} takes one value or one per row ({B} rows), got {len(values)}')
+    return values
+
+
 def check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
                    stop_entropy, eos_id):
-    """generate's arguments checked: -> (Sampling, lengths (B,) each row's end, eos_id)."""
-    new = bd3lm.scalar(max_new_tokens)
-    many = isinstance(new, (list, tuple, torch.Tensor))
-    for n in (list(new.tolist() if isinstance(new, torch.Tensor) else new) if many else [new]) or [None]:
-        _, eos_id = bd3lm.check_prompt(model, idx, n, stop_entropy, eos_id)
+    """generate's arguments checked (bd3lm.check_generate, row by row): -> (Sampling, each row's end, eos_id)."""
+    single = None if isinstance(generator, (list, tuple)) else generator
+    s = bd3lm.check_generate(model.config, idx, 1, generator=single, stop_entropy=stop_entropy, eos_id=eos_id)
     B, P = idx.shape
-    new = list(new.tolist() if isinstance(new, torch.Tensor) else new) if many else [new] * B
-    if len(new) != B:
-        raise ValueError(f'max_new_tokens takes one value or one per row ({B} rows), got {len(new)}')
-    gens = generator if isinstance(generator, (list, tuple)) else [generator]
-    if not all(g is None or isinstance(g, torch.Generator) for g in gens) or \
-            (isinstance(generator, (list, tuple)) and (len(generator) != B or None in generator)):
+    new = [bd3lm.check_generate(model.config, idx, n).new for n in per_row('max_new_tokens', max_new_tokens, B)]
+    if isinstance(generator, (list, tuple)) and (len(generator) != B or
+                                                 not all(isinstance(g, torch.Generator) for g in generator)):
         raise ValueError(f'generator must be a torch.Generator, None, or a list of one per row ({B} rows)')
     sampling = Sampling(model, B, rule, knob, order, temperature, top_p, nucleus)
     lengths = torch.tensor([P + n for n in new], dtype=torch.long, device=model.vocab_embed.embedding.device)
-    return sampling, lengths, eos_id
+    return sampling, lengths, s.eos_id
 
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import bd3lm  # noqa: E402
-from bd3lm_tools import engine  # noqa: E402
+try:                                        # the engine; a checkout before the split has one sampler
+    from bd3lm_tools.engine import generate as sampler  # noqa: E402
+except ImportError:
+    sampler = bd3lm.generate
 
 LAYERS = 'n_layers' if 'n_layers' in bd3lm.BD3LMConfig.__dataclass_fields__ else 'n_blocks'
 MODELS = {  # name -> config overrides of a tiny random model
@@ -31,6 +34,9 @@ MODELS = {  # name -> config overrides of a tiny random model
 # (name, knob, order) of the sampler settings; knob None for rules without one
 RULES = [('first_hitting', None, None), ('steps', 3, None), ('threshold', 0.3, None),
          ('threshold', 0.3, 'confidence'), ('entropy_bound', 1.0, None), ('tokens_per_call', 2, None)]
+
+
+TEXTBOOK = []      # per sampling entry: bd3lm.generate gave the engine's tokens
 
 
 def random_model(**overrides):
@@ -46,12 +52,12 @@ def random_model(**overrides):
 
 
 def generate(model, idx, n, rule, knob, order, **kw):
-    if 'rule' in inspect.signature(model.generate).parameters or 'rule' in inspect.signature(bd3lm.generate).parameters:
-        return engine.generate(model, idx, n, rule=rule, knob=knob, order=order, **kw)
+    if 'rule' in inspect.signature(sampler).parameters:
+        return sampler(model, idx, n, rule=rule, knob=knob, order=order, **kw)
     old = {} if rule == 'first_hitting' else {rule: knob}
     if order is not None:
         old['order'] = order
-    return engine.generate(model, idx, n, **old, **kw)
+    return sampler(model, idx, n, **old, **kw)
 
 
 @torch.no_grad()
@@ -77,6 +83,10 @@ def run():
                 x, stats = generate(model, idx, n, rule, knob, order, **kw)
                 out[key] = x
                 out[key + '/nfe'] = torch.tensor(stats['nfe'])
+                if sampler is not bd3lm.generate:       # the textbook sampler gives the engine's tokens
+                    kw.pop('return_stats')
+                    kw['generator'] = torch.Generator().manual_seed(3)
+                    TEXTBOOK.append(torch.equal(x, bd3lm.generate(model, idx, n, rule, knob, order, **kw)))
         # per-row settings and generators, a prompt ending mid-block
         gens = [torch.Generator().manual_seed(10 + r) for r in range(3)]
         idx3 = torch.randint(0, cfg.mask_id, (3, 6), generator=g)
@@ -101,4 +111,6 @@ if __name__ == '__main__':
         for k in before:
             print(f'{"CHANGED" if k in changed else "same   "} {k}')
         print(f'{len(before) - len(changed)} of {len(before)} entries bit for bit identical')
+    if TEXTBOOK:
+        print(f'textbook sampler (bd3lm.generate) = engine: {sum(TEXTBOOK)} of {len(TEXTBOOK)} sampling entries')
         sys.exit(1 if changed else 0)
