@@ -892,6 +892,9 @@ def apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, eos_id):
     """After a block, up to `end`: with stop_at_eos a row ends after its first EOS; with stop_entropy
     (bd3lms' rule) a row past 256 tokens whose last 256 have a unigram entropy below it ends without them
     (this cut wins over an EOS): its length is cut, its tail set to eos_id. done: ended, or at its length."""
+    if not stop_at_eos and stop_entropy is None:                # no stop rule: a row ends at its length
+        done |= lengths <= end
+        return
     for r in (~done).nonzero().flatten().tolist():
         row_end = min(end, int(lengths[r]))                     # a row is checked up to its own end
         eos = (x[r, P:row_end] == eos_id).nonzero() if stop_at_eos else []

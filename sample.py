@@ -70,6 +70,11 @@ _checks = [('num_samples', isinstance(num_samples, int) and num_samples > 0, 'a 
 for _name, _ok, _what in _checks:
     if not _ok:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
+try:  # the rule, its knob and the other sampler settings, checked by the sampler before anything loads
+    bd3lm.check_generate(bd3lm.BD3LMConfig(vocab_size=2, block_size=1, model_length=2), torch.zeros(1, 1, dtype=int),
+                         1, rule, knob, order, temperature, top_p, nucleus, None, stop_entropy, rules=engine.rules())
+except ValueError as e:  # (a stand-in config: these checks do not depend on the model)
+    raise SystemExit(f'--{e}') from None
 if device != 'auto':    # a device name torch knows, which this machine and this torch build have
     try:
         torch.empty(0, device=device)
@@ -107,7 +112,7 @@ if cfg.block_size == cfg.model_length and len(prompt) + max_new_tokens > cfg.mod
                      f'{cfg.model_length}), so the prompt ({len(prompt)} tokens with BOS) and the new tokens must fit '
                      f'in {cfg.model_length}; lower --max_new_tokens or shorten --start')
 idx = torch.tensor([prompt] * num_samples, device=device)
-try:  # the unmasking rule, its knob and the other settings, checked by the sampler itself
+try:  # and against this model (its vocabulary, an MDLM-like model's length)
     bd3lm.check_generate(model.config, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
                          stop_entropy, rules=engine.rules())
 except ValueError as e:

@@ -501,10 +501,13 @@ class Sampling:
                  nucleus='standard'):
         groups, rows, device = {}, [], model.vocab_embed.embedding.device    # (rule, order) -> its rows
         probe = torch.full((1, 1), model.config.bos_id)
-        settings = dict(rule=rule, knob=knob, order=order, temperature=temperature, top_p=top_p)
-        for r, (name, k, o, t, p) in enumerate(zip(*(per_row(n, v, B) for n, v in settings.items()))):
-            rows.append(bd3lm.check_generate(model.config, probe, 1, name, k, o, t, p, nucleus, rules=rules()))
-            groups.setdefault((name, rows[-1].order), []).append(r)
+        settings, checked = dict(rule=rule, knob=knob, order=order, temperature=temperature, top_p=top_p), {}
+        for r, setting in enumerate(zip(*(per_row(n, v, B) for n, v in settings.items()))):
+            key = tuple(map(repr, setting))                          # each distinct setting checked once
+            if key not in checked:
+                checked[key] = bd3lm.check_generate(model.config, probe, 1, *setting, nucleus, rules=rules())
+            rows.append(checked[key])
+            groups.setdefault((setting[0], rows[-1].order), []).append(r)
         as_tensor = lambda field: torch.tensor([getattr(x, field) for x in rows], dtype=torch.float64, device=device)
         self.knob, self.temperature, self.top_p = as_tensor('knob'), as_tensor('temperature'), as_tensor('top_p')
         self.nucleus = nucleus
@@ -536,7 +539,11 @@ def check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, t
     single = None if isinstance(generator, (list, tuple)) else generator
     s = bd3lm.check_generate(model.config, idx, 1, generator=single, stop_entropy=stop_entropy, eos_id=eos_id)
     B, P = idx.shape
-    new = [bd3lm.check_generate(model.config, idx, n).new for n in per_row('max_new_tokens', max_new_tokens, B)]
+    new, checked = per_row('max_new_tokens', max_new_tokens, B), {}
+    for n in new:                                                    # each distinct length checked once
+        if repr(n) not in checked:
+            checked[repr(n)] = bd3lm.check_generate(model.config, idx[:1], n).new
+    new = [checked[repr(n)] for n in new]
     if isinstance(generator, (list, tuple)) and (len(generator) != B or
                                                  not all(isinstance(g, torch.Generator) for g in generator)):
         raise ValueError(f'generator must be a torch.Generator, None, or a list of one per row ({B} rows)')

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bd3lm
+from bd3lm_tools import engine
 from bd3lm_tools.tokenizer import get_tokenizer
 import prepare
 from conftest import random_model
@@ -162,9 +163,9 @@ def test_generated_eos_stays_in_the_judge_s_text_as_context():
 
 
 def run_sample_py(monkeypatch, capsys, args, fake_generate):
-    """sample.py run in this process (runpy) with BD3LM.generate replaced: tests its glue, not the sampler."""
+    """sample.py run in this process (runpy) with engine.generate replaced: tests its glue, not the sampler."""
     import runpy
-    monkeypatch.setattr(bd3lm.BD3LM, 'generate', fake_generate)
+    monkeypatch.setattr(engine, 'generate', fake_generate)      # what sample.py runs
     monkeypatch.setattr(sys, 'argv', ['sample.py', *args])
     monkeypatch.chdir(ROOT)
     runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')

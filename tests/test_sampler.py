@@ -1,5 +1,4 @@
 """The block-by-block sampler: exact KV cache, counts of model calls, the distribution it draws from."""
-import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -68,55 +67,7 @@ def _chi_square(counts, probs):
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def _conditionals(model, x):
-    with torch.no_grad():
-        logits = model(x).double()
-    logits[..., model.config.mask_id] = -float('inf')
-    return logits.softmax(-1)
-
-
-RULES = {  # every unmasking rule, and the law it should draw two tokens of one block from
-    'first-hitting': ({}, 'uniform'),
-    'one ancestral step': ({'rule': 'steps', 'knob': 1}, 'together'),
-    # two steps: each position's reveal step is uniform over {0, 1}: together half the time
-    'two ancestral steps': ({'rule': 'steps', 'knob': 2}, 'half together'),
-    'a huge number of steps': ({'rule': 'steps', 'knob': 10 ** 15}, 'uniform'),     # first-hitting's law
-    'threshold 1, uniform order': ({'rule': 'threshold', 'knob': 1.0, 'order': 'uniform'}, 'uniform'),
-    'threshold 0': ({'rule': 'threshold', 'knob': 0.0}, 'together'),                # everything at once
-    'entropy bound 0, uniform order': ({'rule': 'entropy_bound', 'knob': 0.0, 'order': 'uniform'}, 'uniform'),
-    'entropy bound 0, entropy order': ({'rule': 'entropy_bound', 'knob': 0.0}, 'lowest entropy first'),
-    'threshold 1, confidence order': ({'rule': 'threshold', 'knob': 1.0}, None),   # law not closed-form
-    'two per call': ({'rule': 'tokens_per_call', 'knob': 2}, 'together'),
-}
-
-
-@pytest.mark.parametrize('rule', [r for r in RULES if RULES[r][1]])
-def test_sampler_draws_from_the_model_distribution(rule):
-    # One block [BOS, ?, ?, pad]: two new tokens over a 5-token vocabulary (+ mask). The exact law of
-    # the two tokens is computed from the model's conditionals; 20,000 draws are compared by chi-square.
-    # It fails if the sampler uses the wrong position's conditional, a biased categorical draw, ignores
-    # the other revealed token (checked by mutating the sampler), or reveals in another order than the rule's.
-    kwargs, law = RULES[rule]
-    model = random_model(block_size=4, model_length=4, vocab_size=6, seed=3)
-    M, bos = model.config.mask_id, 4
-    p_mm = _conditionals(model, torch.tensor([[bos, M, M, M]]))[0]   # both masked
-    entropy = -(p_mm[1:3, :5] * p_mm[1:3, :5].log()).sum(-1)
-    exact = torch.zeros(5, 5, dtype=torch.float64)
-    for a, b in itertools.product(range(5), range(5)):
-        p_a_then = _conditionals(model, torch.tensor([[bos, a, M, M]]))[0, 2, b]
-        p_b_then = _conditionals(model, torch.tensor([[bos, M, b, M]]))[0, 1, a]
-        together = p_mm[1, a] * p_mm[2, b]                    # both revealed by one call, independently
-        uniform = 0.5 * p_mm[1, a] * p_a_then + 0.5 * p_mm[2, b] * p_b_then   # a random one first
-        exact[a, b] = {'together': together, 'uniform': uniform, 'half together': 0.5 * together + 0.5 * uniform,
-                       # the position with the lower entropy first
-                       'lowest entropy first': p_mm[1, a] * p_a_then if entropy[0] < entropy[1]
-                       else p_mm[2, b] * p_b_then}[law]
-    n = 20_000
-    out = engine.generate(model, torch.full((n, 1), bos), 2, generator=torch.Generator().manual_seed(0), **kwargs)
-    counts = torch.zeros(5, 5, dtype=torch.float64)
-    counts.index_put_((out[:, 1], out[:, 2]), torch.ones(n, dtype=torch.float64), accumulate=True)
-    # 24 degrees of freedom: P(chi2 > 51.18) = 0.001. A sampler off by a few percent anywhere fails.
-    assert _chi_square(counts.flatten(), exact.flatten()) < 51.18
+# The law of every unmasking rule (each registered rule, at several settings): tests/test_laws.py.
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
