@@ -14,7 +14,7 @@ import bd3lm
 pytest.importorskip('lm_eval')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-from bd3lm_tools import harness  # noqa: E402  (registers 'bd3lm')
+from bd3lm_tools import engine, harness  # noqa: E402  (harness registers 'bd3lm')
 from conftest import random_model  # noqa: E402
 
 
@@ -217,8 +217,8 @@ def test_tasks_run_offline_through_simple_evaluate_twice(gpt2_model_dir, tasks, 
 def test_generate_until_honours_until_and_max_gen_toks(gpt2_model_dir, monkeypatch):
     lm = harness.BD3LMEval(init_from=gpt2_model_dir)
     asked = []
-    generate = lm.model.generate
-    monkeypatch.setattr(lm.model, 'generate', lambda idx, n, **kw: asked.append(n) or generate(idx, n, **kw))
+    generate = engine.generate                          # what the harness samples with
+    monkeypatch.setattr(engine, 'generate', lambda model, idx, n, **kw: asked.append(n) or generate(model, idx, n, **kw))
     free, = lm.generate_until([FakeRequest(('Once upon a time', {'max_gen_toks': 12}))], disable_tqdm=True)
     assert asked == [12] and free
     stop = free[len(free) // 2]
