@@ -16,7 +16,8 @@ Read top to bottom:
   7. sampler        Alg. 2, plainly: block by block over a KV cache; unmasking rules registered in RULES
   8. checks         every sampler argument checked once, before anything runs
 Beside it, in bd3lm_tools/: engine.py (the same sampler, fast: what sample.py, serve.py and the harness run),
-speculative.py, checkpoints.py (file formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), harness.py.
+speculative.py, checkpoints.py (file formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), harness.py,
+sglang_plugin.py.
 """
 
 import functools
@@ -424,7 +425,7 @@ class BD3LM(nn.Module):
         return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
 
     def modulations(self, c):
-        """Each layer's adaLN shifts, scales and gates of c (B, cond_dim): a list of (B, 1, 6 D) (of None
+        """Each layer's adaLN shifts, scales and gates of c (B, cond_dim): a list of (B, 1, 6 D) (or of None
         without adaLN). The model computes them every pass; nothing is kept between calls."""
         return [None if c is None else block.adaLN_modulation(c[:, None]) for block in self.blocks]
 
@@ -678,7 +679,10 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 # Blocks left to right. A block starts masked (after any prompt tokens it holds); each model call runs the
 # noisy block over the clean prefix and proposes a token at every masked position, and an unmasking rule
 # says which of them to reveal, never to change again. A finished block then goes into the KV cache at
-# t = 0. Blocks are aligned at 0; past model_length each block sees the last model_length tokens. This is
+# t = 0. Block boundaries fall at multiples of block_size from position 0 (a prompt ending mid-block leaves
+# the rest of that block to generate); past model_length each block sees the last model_length tokens. With
+# time conditioning the uncached call conditions the prefix on the block's t, the cache holds it at t = 0
+# (the released models have none). This is
 # the plain sampler: bd3lm_tools/engine.py gives the same tokens faster (one pass per call, a ring cache, a
 # compiled call, per-row settings, speculative decoding, continuous batching).
 
@@ -686,7 +690,7 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0,
              top_p=1.0, nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False,
              stop_entropy=None, eos_id=None, on_block=None):
-    """idx: (B, P) prompt ids (P >= 1, BOS first) -> (B, P + max_new_tokens) ids. docs/sampling.md.
+    """idx: (B, P) prompt ids (P >= 1; start it with config.bos_id, as the models were trained) -> (B, P + max_new_tokens) ids. docs/sampling.md.
     rule: a name in RULES, knob its setting, order how it ranks positions (default: the rule's own);
     temperature (0 = greedy) and top_p (nucleus; nucleus='bd3lms' drops the token crossing top_p); one
     setting for the whole batch. stop_at_eos / stop_entropy end a row early (apply_stops); ended rows are
@@ -789,7 +793,8 @@ class Proposal:
                             most likely token), then nucleus filtering to top_p
       tokens                the token proposed at each position, drawn from law with this call's uniforms
       confidence, entropy   probs of the proposed token; the entropy of probs
-      priority              the rule's order as a score, higher first ('uniform', 'confidence', 'entropy')
+      priority              the call's order (order=, default the rule's) as a score, higher first: uniform,
+                            confidence, or -entropy (lowest entropy first)
       leading     bool      the first masked position in that order
     The engine computes the same fields only where a rule reads them (docs/sampling.md)."""
 
@@ -952,7 +957,8 @@ def check_generate(config, idx, max_new_tokens, rule='first_hitting', knob=None,
     else:
         low, high = (-math.inf, math.inf) if spec is ... else spec
         integer = isinstance(low, int)
-        if not ((number(knob, int if integer else (int, float)) or knob == math.inf) and low <= knob <= high):
+        if not ((number(knob, int if integer else (int, float)) or (knob == math.inf and not integer))
+                and low <= knob <= high):
             raise ValueError(f'knob: rule {rule!r} needs a knob that is {"an integer" if integer else "a number"} '
                              f'in [{low}, {high}], got {knob!r}')
     temperature, top_p = scalar(temperature), scalar(top_p)

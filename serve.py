@@ -14,7 +14,7 @@ are accepted as aliases of rule + knob.
 How a request flows:
   1. The HTTP thread parses and checks it, makes one Row per completion (prompt x n, each with its own
      generator from (seed, choice)) and queues them (HTTP 503 at once past --max_pending waiting requests).
-  2. The engine thread (engine.py) owns the model and all of its KV cache (max_batch rows, allocated at
+  2. The engine thread (bd3lm_tools/engine.py) owns the model and all of its KV cache (max_batch rows, allocated at
      start). Between model calls it admits waiting rows: a row's prompt blocks go into its cache slot and
      it starts its first block, wherever the other rows are in theirs. One engine step is one model call
      for every running row, whatever its rule: the sampler's own denoising step, each row with its own

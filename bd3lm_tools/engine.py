@@ -1,10 +1,11 @@
 """
-The serving engine: continuous batching of rows that sit at different places in their texts.
+The fast sampler (generate: what sample.py and the harness run; the same tokens as bd3lm.generate) and the
+serving engine (Row, Batch, Engine): continuous batching of rows that sit at different places in their texts.
 
 bd3lm.generate runs a batch whose rows move block by block in lockstep. A server cannot wait for that:
 requests arrive and leave at any moment, with their own prompts, lengths, seeds and unmasking rules.
 Here every running row keeps its own block and position, and one engine step is one model call for all
-of them, the same call bd3lm.generate makes (block_pass + denoise_step): every row's block
+of them, the call generate makes (block_pass + denoise_step): every row's block
 is denoised, and a row whose previous block just finished writes it into its cache in that same call.
 Rows join between steps (their prompt written into the cache in one pass) and leave at once when done
 or cancelled. A row's tokens are what bd3lm.generate gives it alone with the same generator.
@@ -282,7 +283,7 @@ class KVCache:
     was) and attends to the ring in place. A pass that also carries a finished block, verify rows or
     lookahead rows gives each pass row a copy of its ring instead, so the finished block still sees the
     oldest block of its window. Keys carry rotary at absolute positions; rows may sit at different blocks
-    (engine.py). Before each pass plan() says which rows run where; update() then runs once per layer."""
+    (Batch, Engine below). Before each pass plan() says which rows run where; update() then runs once per layer."""
 
     def __init__(self, model, n_rows, device):
         cfg = model.config
