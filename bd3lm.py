@@ -924,25 +924,12 @@ def unigram_entropy(tokens):
 def check_generate(config, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0,
                    top_p=1.0, nucleus='standard', generator=None, stop_entropy=None, eos_id=None, rules=None):
     """generate's arguments, for a model of this config -> its settings: rule (the function), order, knob,
-    temperature, top_p, nucleus, mask_id, eos_id, new (max_new_tokens). A 0-d tensor counts as the number it holds. rules: the
-    registry to look rule up in (default RULES; the engine adds its drafting rules)."""
+    temperature, top_p, nucleus, and with a config mask_id, eos_id, new (max_new_tokens). config None: the
+    settings alone (a script checks its flags before it loads a model). A 0-d tensor counts as the number it
+    holds. rules: the registry to look rule up in (default RULES; the engine adds its drafting rules)."""
     cfg, rules = config, RULES if rules is None else rules
     scalar = lambda v: v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
     number = lambda v, kind=(int, float): isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v)
-    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()
-            and not idx.is_complex() and idx.dtype != torch.bool):
-        raise ValueError(f"idx must be a (B, P) integer tensor of prompt ids with B, P >= 1 (start it with the "
-                         f"model's BOS, config.bos_id = {cfg.bos_id}), got {getattr(idx, 'dtype', type(idx))} of "
-                         f"shape {tuple(getattr(idx, 'shape', ()))}")
-    if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size or (idx == cfg.mask_id).any():
-        raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}] and not be the mask id {cfg.mask_id}')
-    new, P = scalar(max_new_tokens), idx.shape[1]
-    if not (number(new, int) and new > 0):
-        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
-    if cfg.block_size == cfg.model_length and P + new > cfg.model_length:
-        raise ValueError(f'this model is MDLM-like (block_size = model_length = {cfg.model_length}): it generates at '
-                         f'most {cfg.model_length} tokens with the prompt ({P} + {new} asked); lower '
-                         f'max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
     fn = rules.get(rule) if isinstance(rule, str) else None
     if fn is None:
         raise ValueError(f'rule must be one of {sorted(rules)}, got {rule!r}')
@@ -968,13 +955,32 @@ def check_generate(config, idx, max_new_tokens, rule='first_hitting', knob=None,
         raise ValueError(f'top_p must be a number in (0, 1], got {top_p!r}')
     if nucleus not in ('standard', 'bd3lms'):
         raise ValueError(f"nucleus must be one of ('standard', 'bd3lms'), got {nucleus!r}")
-    eos_id, stop_entropy = cfg.eos_id if eos_id is None else scalar(eos_id), scalar(stop_entropy)
-    if not (number(eos_id, int) and 0 <= eos_id < cfg.vocab_size and eos_id != cfg.mask_id):
-        raise ValueError(f'eos_id must be a token id in [0, {cfg.vocab_size - 1}] other than the mask id '
-                         f'{cfg.mask_id}, got {eos_id!r}')
+    stop_entropy = scalar(stop_entropy)
     if stop_entropy is not None and not number(stop_entropy):
         raise ValueError(f'stop_entropy must be a number (nats; the paper uses 4) or None, got {stop_entropy!r}')
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f'generator must be a torch.Generator or None, got {type(generator).__name__}')
-    return SimpleNamespace(rule=fn, order=order, knob=float(knob), temperature=float(temperature), top_p=float(top_p),
-                           nucleus=nucleus, mask_id=cfg.mask_id, eos_id=eos_id, new=new)
+    s = SimpleNamespace(rule=fn, order=order, knob=float(knob), temperature=float(temperature), top_p=float(top_p),
+                        nucleus=nucleus)
+    if cfg is None:
+        return s
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.numel() > 0 and not idx.is_floating_point()
+            and not idx.is_complex() and idx.dtype != torch.bool):
+        raise ValueError(f"idx must be a (B, P) integer tensor of prompt ids with B, P >= 1 (start it with the "
+                         f"model's BOS, config.bos_id = {cfg.bos_id}), got {getattr(idx, 'dtype', type(idx))} of "
+                         f"shape {tuple(getattr(idx, 'shape', ()))}")
+    if int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size or (idx == cfg.mask_id).any():
+        raise ValueError(f'prompt ids must lie in [0, {cfg.vocab_size - 1}] and not be the mask id {cfg.mask_id}')
+    new, P = scalar(max_new_tokens), idx.shape[1]
+    if not (number(new, int) and new > 0):
+        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}')
+    if cfg.block_size == cfg.model_length and P + new > cfg.model_length:
+        raise ValueError(f'this model is MDLM-like (block_size = model_length = {cfg.model_length}): it generates at '
+                         f'most {cfg.model_length} tokens with the prompt ({P} + {new} asked); lower '
+                         f'max_new_tokens, or use a BD3-LM with smaller blocks for longer text')
+    eos_id = cfg.eos_id if eos_id is None else scalar(eos_id)
+    if not (number(eos_id, int) and 0 <= eos_id < cfg.vocab_size and eos_id != cfg.mask_id):
+        raise ValueError(f'eos_id must be a token id in [0, {cfg.vocab_size - 1}] other than the mask id '
+                         f'{cfg.mask_id}, got {eos_id!r}')
+    s.mask_id, s.eos_id, s.new = cfg.mask_id, eos_id, new
+    return s

@@ -71,9 +71,9 @@ for _name, _ok, _what in _checks:
     if not _ok:
         raise SystemExit(f'--{_name}={globals()[_name]!r}: must be {_what}')
 try:  # the rule, its knob and the other sampler settings, checked by the sampler before anything loads
-    bd3lm.check_generate(bd3lm.BD3LMConfig(vocab_size=2, block_size=1, model_length=2), torch.zeros(1, 1, dtype=int),
-                         1, rule, knob, order, temperature, top_p, nucleus, None, stop_entropy, rules=engine.rules())
-except ValueError as e:  # (a stand-in config: these checks do not depend on the model)
+    bd3lm.check_generate(None, None, None, rule, knob, order, temperature, top_p, nucleus, None, stop_entropy,
+                         rules=engine.rules())
+except ValueError as e:
     raise SystemExit(f'--{e}') from None
 if device != 'auto':    # a device name torch knows, which this machine and this torch build have
     try:

@@ -128,8 +128,7 @@ def parse_request(body, tokenizer, config):
     if r['rule'] == 'steps' and isinstance(r['knob'], int) and r['knob'] > max_steps:
         raise RequestError(f'steps must be at most {max_steps:,}, got {r["knob"]:,}', knob_field)
     try:  # the rule's knob and order, checked by the sampler itself
-        checked = bd3lm.check_generate(config, torch.tensor([[config.bos_id]]), 1, r['rule'], r['knob'], r['order'],
-                                       rules=rules)
+        checked = bd3lm.check_generate(None, None, None, r['rule'], r['knob'], r['order'], rules=rules)
         rule, order = checked.rule, checked.order
     except ValueError as e:
         raise RequestError(str(e), 'order' if str(e).startswith('order') else knob_field)

@@ -501,12 +501,11 @@ class Sampling:
     def __init__(self, model, B, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
                  nucleus='standard'):
         groups, rows, device = {}, [], model.vocab_embed.embedding.device    # (rule, order) -> its rows
-        probe = torch.full((1, 1), model.config.bos_id)
         settings, checked = dict(rule=rule, knob=knob, order=order, temperature=temperature, top_p=top_p), {}
         for r, setting in enumerate(zip(*(per_row(n, v, B) for n, v in settings.items()))):
             key = tuple(map(repr, setting))                          # each distinct setting checked once
             if key not in checked:
-                checked[key] = bd3lm.check_generate(model.config, probe, 1, *setting, nucleus, rules=rules())
+                checked[key] = bd3lm.check_generate(None, None, None, *setting, nucleus, rules=rules())
             rows.append(checked[key])
             groups.setdefault((setting[0], rows[-1].order), []).append(r)
         as_tensor = lambda field: torch.tensor([getattr(x, field) for x in rows], dtype=torch.float64, device=device)
