@@ -229,15 +229,12 @@ def parse_settings(d, where, defaults=None):
         raise ValueError(f'{where}: rule {rule!r} drafts (speculative decoding): it verifies several versions of a '
                          f'block in one model call, and SGLang runs one version of each block per call; use '
                          f'serve.py for it, or one of {supported_rules()}')
-    try:      # bd3lm.generate's own checks of a rule, knob and order (on a one-token stand-in prompt)
-        checked = bd3lm.check_generate(_CHECK_CONFIG, torch.zeros(1, 1, dtype=torch.long), 1, rule=rule,
-                                       knob=d.get('knob'), order=d.get('order'))
+    try:      # bd3lm.generate's own checks of a rule, knob and order (the settings alone: no config)
+        checked = bd3lm.check_generate(None, None, None, rule=rule, knob=d.get('knob'), order=d.get('order'))
     except ValueError as e:
         raise ValueError(f'{where}: {e}') from None
     return rule, checked.knob, checked.order
 
-
-_CHECK_CONFIG = SimpleNamespace(vocab_size=2, mask_id=1, bos_id=0, eos_id=0, block_size=1, model_length=2)
 
 
 def request_settings(req):
