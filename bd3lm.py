@@ -15,13 +15,13 @@ Read top to bottom:
   6. search         the clipped ("data-driven") schedule: the interval that minimises the NELBO's variance
   7. sampler        Alg. 2, plainly: block by block over a KV cache; unmasking rules registered in RULES
   8. checks         every sampler argument checked once, before anything runs
-Beside it, in bd3lm_tools/: engine.py (the same sampler, fast: what sample.py, serve.py and the harness run),
-speculative.py, checkpoints.py (file formats), tokenizer.py (GPT-2 BPE, BERT WordPiece), harness.py,
-sglang_plugin.py.
+Beside it, bd3lm_tools/ holds the library: the fast sampler and serving engine, speculative decoding, file formats,
+tokenizers, the lm-eval model and the SGLang plugin.
 """
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
@@ -56,44 +56,35 @@ class BD3LMConfig:
     TOKENIZERS = ('gpt2', 'wordpiece')
 
     def __post_init__(self):
-        self.validate()
-
-    def validate(self):
-        """Check every field (strict types, ranges, special tokens inside the vocabulary) and fill in the
-        default special tokens; one ValueError that lists every problem."""
+        """Fill in the default special tokens and check every field; one ValueError lists every problem.
+        Types are strict: "false" is not False, 50257.0 is not a token id."""
         problems = []
-        for f in fields(self):  # strict types: "false" is not False, 50257.0 is not a token id
-            value = getattr(self, f.name)
-            if value is None and f.name.endswith('_id'):
-                continue
-            ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-                  float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-                  bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[f.type](value)
-            if not ok:
-                problems.append(f'{f.name} must be a {f.type.__name__}, got {value!r} ({type(value).__name__})')
-        if problems:
-            raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
-        for name in ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_layers', 'n_heads'):
-            if getattr(self, name) <= 0:
-                problems.append(f'{name} must be a positive integer, got {getattr(self, name)!r}')
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = (int, float) if f.type is float else f.type          # an int is a float, a bool is no number
+            ok = isinstance(v, kind) and (f.type is bool or not isinstance(v, bool))
+            if not (ok or v is None and f.name.endswith('_id')):
+                article = 'an' if f.type is int else 'a'
+                problems.append(f'{f.name} must be {article} {f.type.__name__}, got {v!r} ({type(v).__name__})')
         if not problems:
-            if self.mask_id is None:
-                self.mask_id = self.vocab_size - 1
-            for name in ('bos_id', 'eos_id'):
-                if getattr(self, name) is None:
-                    setattr(self, name, max(self.vocab_size - 2, 0))
+            sizes = ('block_size', 'vocab_size', 'model_length', 'hidden_dim', 'cond_dim', 'n_layers', 'n_heads')
+            problems = [f'{name} must be a positive integer, got {getattr(self, name)}'
+                        for name in sizes if getattr(self, name) <= 0]
+        if not problems:
+            self.mask_id = self.vocab_size - 1 if self.mask_id is None else self.mask_id
+            self.bos_id = max(self.vocab_size - 2, 0) if self.bos_id is None else self.bos_id
+            self.eos_id = max(self.vocab_size - 2, 0) if self.eos_id is None else self.eos_id
             if self.model_length % self.block_size:
                 problems.append(f'model_length={self.model_length} is not a multiple of block_size={self.block_size}; '
                                 f'choose a block_size that divides it')
             if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
-                problems.append(f'hidden_dim={self.hidden_dim} must split into n_heads={self.n_heads} heads of even size')
-            for name in ('mask_id', 'bos_id', 'eos_id'):
-                if not 0 <= getattr(self, name) < self.vocab_size:
-                    problems.append(f'{name}={getattr(self, name)} must be a token id below vocab_size={self.vocab_size}')
-        if not 0 <= self.dropout < 1:
-            problems.append(f'dropout must be in [0, 1), got {self.dropout}')
-        if self.tokenizer not in self.TOKENIZERS:
-            problems.append(f'tokenizer must be one of {self.TOKENIZERS}, got {self.tokenizer!r}')
+                problems.append(f'hidden_dim={self.hidden_dim} must split into {self.n_heads} heads of even size')
+            problems += [f'{name}={getattr(self, name)} must be a token id below vocab_size={self.vocab_size}'
+                         for name in ('mask_id', 'bos_id', 'eos_id') if not 0 <= getattr(self, name) < self.vocab_size]
+            if not 0 <= self.dropout < 1:
+                problems.append(f'dropout must be in [0, 1), got {self.dropout}')
+            if self.tokenizer not in self.TOKENIZERS:
+                problems.append(f'tokenizer must be one of {self.TOKENIZERS}, got {self.tokenizer!r}')
         if problems:
             raise ValueError('invalid BD3LMConfig: ' + '; '.join(problems))
 
@@ -121,9 +112,8 @@ class Rotary(nn.Module):
         self.register_buffer('inv_freq', inv_freq)  # kept: the released checkpoints store it
 
     def forward(self, positions):
-        # positions: (T,) absolute integer positions, or (B, T): each row its own (a server's rows sit at
-        # different places in their texts). Angles in float64 so that positions far beyond the training
-        # context (long generation) keep their precision.
+        # positions: (T,), or (B, T) one row each (a server's rows sit at different places in their texts).
+        # Angles in float64: positions far beyond the training context keep their precision.
         angles = positions.double()[..., None] * self.inv_freq.double()   # (..., T, head_dim/2)
         angles = torch.cat([angles, angles], dim=-1)                        # (..., T, head_dim)
         return angles.cos().float(), angles.sin().float()
@@ -267,9 +257,8 @@ EPS = 1e-3                    # the smallest noise level: the loglinear weight 1
 FULL_INTERVAL = (EPS, 1.0)    # t ~ U[1e-3, 1]: the unclipped schedule, whose NELBO bounds the NLL
 
 # A schedule maps t (B, L) to (move_chance, weight): the probability 1 - alpha_t that a token is masked at
-# time t, and the NELBO weight -alpha_t' / (1 - alpha_t) on a masked token's -log p (Eq. 10). Register a
-# new one in SCHEDULES; model.nelbo(schedule=...) and train.py --noise_schedule then take it by name.
-
+# time t, and the NELBO weight -alpha_t' / (1 - alpha_t) on a masked token's -log p (Eq. 10). Registered in
+# SCHEDULES, it is a name for model.nelbo(schedule=...) and train.py --noise_schedule.
 
 def loglinear(t):             # alpha_t = 1 - t: the paper's default, weight 1/t
     return t, 1 / t
@@ -321,25 +310,19 @@ def sample_t(batch_size, n_blocks, beta=EPS, omega=1.0, antithetic=True, device=
 
 
 def q_xt(x0, move_chance, mask_id, block_size, interval=None, generator=None, max_tries=100):
-    """The forward process: each token independently becomes mask_id with probability move_chance.
-    Position 0 (BOS) is never masked.
-
-    interval=(beta, omega): the paper's resampling, so that every block's masked fraction lies in
-    [beta, omega]. As in bd3lms, a bound at the end of the schedule (beta = 1e-3 or omega = 1) is not
-    enforced: with [1e-3, omega] only blocks with too many masks are redrawn, so a block may stay clean.
-    Offending blocks are redrawn at most max_tries times; blocks still out of range after that get a
-    random subset of tokens masked/unmasked to the nearest reachable count, so the loop always ends. An
-    interval with no reachable count for this block size is an error."""
+    """The forward process: each token but position 0 (BOS) becomes mask_id with probability move_chance.
+    interval=(beta, omega) resamples blocks until each block's masked fraction lies in [beta, omega] (Sec. 5.2;
+    a bound at the end of the schedule, beta = 1e-3 or omega = 1, is not enforced). After max_tries redraws, a
+    block still out of range keeps a random subset of the nearest reachable count, so the loop always ends."""
     u = torch.rand(x0.shape, device=x0.device, generator=generator)
     masked = u <= move_chance
     if interval is not None and block_size > 1:
-        beta, omega = interval
+        (beta, omega), (B, L) = interval, x0.shape
         lo = 0 if beta <= EPS else math.ceil(beta * block_size - 1e-9)
         hi = block_size if omega >= 1 else math.floor(omega * block_size + 1e-9)
         if lo > hi:
             raise ValueError(f'no block of {block_size} tokens can have a masked fraction in [{beta}, {omega}]; '
                              f'widen the interval or turn resampling off')
-        B, L = x0.shape
         for _ in range(max_tries):
             counts = masked.view(B, -1, block_size).sum(-1)
             bad = ((counts < lo) | (counts > hi)).repeat_interleave(block_size, dim=1)
@@ -347,19 +330,13 @@ def q_xt(x0, move_chance, mask_id, block_size, interval=None, generator=None, ma
                 break
             u = torch.rand(x0.shape, device=x0.device, generator=generator)
             masked = torch.where(bad, u <= move_chance, masked)
-        else:
-            masked = _force_mask_count(masked.view(B, -1, block_size), lo, hi, generator).view(B, L)
+        else:   # keep the k = clamp(count, lo, hi) first positions in a random order, the masked ones first
+            masked = masked.view(B, -1, block_size)
+            priority = torch.rand(masked.shape, device=x0.device, generator=generator) + masked.float()
+            rank = priority.argsort(-1, descending=True).argsort(-1)
+            masked = (rank < masked.sum(-1, keepdim=True).clamp(lo, hi)).view(B, L)
     masked[:, 0] = False
     return torch.where(masked, mask_id, x0)
-
-
-def _force_mask_count(masked, lo, hi, generator):
-    # Per block, keep the k = clamp(count, lo, hi) positions ranked first by random priority, putting
-    # already-masked positions first so that in-range blocks are unchanged.
-    k = masked.sum(-1, keepdim=True).clamp(lo, hi)
-    priority = torch.rand(masked.shape, device=masked.device, generator=generator) + masked.float()
-    rank = priority.argsort(-1, descending=True).argsort(-1)
-    return rank < k
 
 # -----------------------------------------------------------------------------
 # 5. The model: two passes and the NELBO
@@ -386,7 +363,6 @@ class BD3LM(nn.Module):
         self.register_buffer('sampling_eps_min', torch.tensor(1e-3))
         self.register_buffer('sampling_eps_max', torch.tensor(1.0))
         self.attn_backend = 'sdpa'  # or 'flex': FlexAttention, same numbers; see use_flex_attention()
-        self._masks = {}  # attention masks, built once per kind, length and device (attention_mask)
         self.vocab = None  # WordPiece models: the token strings in id order (saved as vocab.txt)
 
     def use_flex_attention(self, enabled=True):
@@ -397,20 +373,14 @@ class BD3LM(nn.Module):
     # --- the two passes ----------------------------------------------------
 
     def forward(self, xt, x0=None, t=None):
-        """model(xt, x0): vectorized training pass over cat([xt, x0]) under the block-diffusion mask;
-        returns raw logits (B, L, V) for the xt half.
-        model(x): inference pass over clean blocks followed by a (partly) masked last block, under the
-        block-causal mask; returns raw logits (B, T, V).
-        t: (B,) noise level, read only when config.time_conditioning."""
+        """model(xt, x0): the training pass over cat([xt, x0]) under the block-diffusion mask -> logits (B, L, V)
+        of the xt half. model(x): the inference pass, clean blocks then a (partly) masked one, under the
+        block-causal mask -> logits (B, T, V). t: (B,) noise level, read only with time_conditioning."""
         self._check_tokens(xt, 'xt' if x0 is not None else 'x')
         c = self.cond(t, xt.shape[0])
-        if x0 is None:
-            h = self.hidden(xt, c)
-        else:
-            self._check_tokens(x0, 'x0')
-            if x0.shape != xt.shape:
-                raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
-            h = self.train_hidden(xt, x0, c)
+        if x0 is not None:
+            self._check_tokens(x0, 'x0', like=xt)
+        h = self.hidden(xt, c) if x0 is None else self.train_hidden(xt, x0, c)
         return self.output_layer(h, None if c is None else c[:, None])
 
     def cond(self, t, batch_size):
@@ -425,21 +395,20 @@ class BD3LM(nn.Module):
         return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
 
     def modulations(self, c):
-        """Each layer's adaLN shifts, scales and gates of c (B, cond_dim): a list of (B, 1, 6 D) (or of None
-        without adaLN). The model computes them every pass; nothing is kept between calls."""
+        """Each layer's adaLN shifts, scales and gates of c (B, cond_dim): a list of (B, 1, 6 D), or of None."""
         return [None if c is None else block.adaLN_modulation(c[:, None]) for block in self.blocks]
 
     def train_hidden(self, xt, x0, c):
-        """Hidden states (B, L, D) of xt's half of the training pass. Both halves use positions
-        0..L-1: xt[i] and x0[i] are the same position of the same sequence."""
+        """Hidden states (B, L, D) of xt's half of the training pass. Both halves take positions 0..L-1:
+        xt[i] and x0[i] are the same position of the same sequence."""
         L = xt.shape[1]
         x = torch.cat([xt, x0], dim=1)                              # (B, 2L)
         positions = torch.arange(L, device=x.device).repeat(2)      # (2L,)
         return self.transformer(x, positions, c, self.masked_attention(self.attention_mask('train', L)))[:, :L]
 
     def hidden(self, x, c, positions=None):
-        """Inference pass without a cache -> hidden states (B, T, D): x (B, T) under the block-causal mask,
-        banded to a sliding window of model_length when x is longer. (The cached pass: KVCache, section 7.)"""
+        """The inference pass without a cache -> hidden states (B, T, D): x (B, T) under the block-causal mask,
+        banded to a window of model_length (the cached pass: KVCache, section 7)."""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         return self.transformer(x, positions, c, self.masked_attention(self.attention_mask('infer', x.shape[1])))
@@ -458,39 +427,26 @@ class BD3LM(nn.Module):
     def masked_attention(self, mask):
         """attend(layer, q, k, v) under mask = (dense bool mask, FlexAttention BlockMask or None)."""
         if self.attn_backend == 'flex':
-            return lambda layer, q, k, v: _flex_attention(q, k, v, block_mask=mask[1])
+            return lambda layer, q, k, v: flex_attention(q, k, v, block_mask=mask[1])
         return lambda layer, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[0])
 
     def attention_mask(self, kind, L):
-        """(dense bool mask, FlexAttention BlockMask or None) of the 'train' pass over 2L positions or the
-        'infer' pass over L, from train_mask_mod / block_causal_mask_mod."""
-        # Masks are built once and reused. The inference mask of a shorter sequence is the top-left corner of
-        # a longer one, so with SDPA one mask serves every length (the uncached sampler asks for a new one).
-        device = self.vocab_embed.embedding.device
-        bs, window = self.config.block_size, self.config.model_length
-        sliceable = kind == 'infer' and self.attn_backend == 'sdpa'
-        key = (kind, device) if sliceable else (kind, L, device, self.attn_backend)
-        cached = self._masks.get(key)
-        if cached is None or (sliceable and cached[0].shape[0] < L):
-            if kind == 'train':
-                mask_mod = lambda b, h, q, kv: self.train_mask_mod(q, kv, L, bs)
-                n = 2 * L
-            else:
-                mask_mod = lambda b, h, q, kv: block_causal_mask_mod(q, kv, bs, window)
-                n = max(L, window) if sliceable else L
-            idx = torch.arange(n, device=device)
-            dense = mask_mod(None, None, idx[:, None], idx[None, :])
-            flex = None
-            if self.attn_backend == 'flex':
-                from torch.nn.attention.flex_attention import create_block_mask
-                flex = create_block_mask(mask_mod, None, None, n, n, device=device)
-            cached = self._masks[key] = (dense, flex)
-        return (cached[0][:L, :L], None) if sliceable else cached
+        """(dense bool mask, FlexAttention BlockMask or None) of the 'train' pass over 2L positions
+        (train_mask_mod) or the 'infer' pass over L (block_causal_mask_mod)."""
+        cfg, device, flex = self.config, self.vocab_embed.embedding.device, self.attn_backend == 'flex'
+        if kind == 'train':
+            return attention_masks(self.train_mask_mod, L, cfg.block_size, cfg.model_length, device, flex)
+        # A shorter sequence's inference mask is the top-left corner of a longer one's: one per power of 2.
+        n = L if flex else max(cfg.model_length, 1 << (L - 1).bit_length())
+        dense, block_mask = attention_masks(None, n, cfg.block_size, cfg.model_length, device, flex)
+        return dense[:L, :L], block_mask
 
-    def _check_tokens(self, x, name):
+    def _check_tokens(self, x, name, like=None):
         if not isinstance(x, torch.Tensor) or x.dtype not in (torch.long, torch.int32, torch.int64) or x.dim() != 2:
             raise ValueError(f'{name} must be a 2-D integer tensor of token ids (B, L), got '
                              f'{getattr(x, "dtype", type(x))} with shape {tuple(getattr(x, "shape", ()))}')
+        if like is not None and x.shape != like.shape:
+            raise ValueError(f'xt and x0 must have the same shape, got {tuple(like.shape)} and {tuple(x.shape)}')
         if x.shape[1] == 0 or x.shape[1] % self.config.block_size:
             raise ValueError(f'{name} has length {x.shape[1]}, which is not a positive multiple of '
                              f'block_size={self.config.block_size}; pad or crop it to whole blocks')
@@ -504,64 +460,50 @@ class BD3LM(nn.Module):
     def nelbo(self, x0, t=None, xt=None, *, interval=None, schedule='loglinear', reduction='mean',
               antithetic=True, resample=False, generator=None):
         """The block diffusion NELBO (Eq. 8/10) in nats per token, SUBS parameterization.
-
-        x0: (B, L) clean tokens; position 0 is never masked, never scored (BOS, or the first token of a
-            plain chunk).
-        t:  noise level, (B, L) constant within blocks, or (B, L // block_size); sampled if None,
-            one per block from U[beta, omega] = interval. The default interval is the full [1e-3, 1], which
-            makes the result a bound on the NLL; training passes its clipped interval (Sec. 5.2) explicitly,
-            e.g. interval=model.clipped_interval(), whose estimate is lower-variance but biased.
-        xt: (B, L) noisy tokens; sampled from q(xt | x0, t) if None.
-        reduction: 'mean' -> scalar averaged over all positions but the first;
-                   'none' -> (B, L) per-token terms (0 at unmasked positions and at position 0).
-        Under torch.compile, pass t and xt (drawn eagerly with forward_process): random draws and the input
-        checks, which read values on the host, stay outside the compiled graph.
-        """
+        x0: (B, L) clean tokens; position 0 (BOS) is never masked, never scored.
+        t:  noise level, (B, L) constant within blocks, or (B, L // block_size). If None, one per block
+            from U[interval]: by default the full [1e-3, 1], a bound on the NLL; training passes its clipped
+            interval (Sec. 5.2), model.clipped_interval(), lower-variance but biased.
+        xt: (B, L) noisy tokens; drawn from q(xt | x0, t) if None.
+        reduction: 'mean' (over all positions but the first) or 'none' ((B, L) per-token terms).
+        Under torch.compile pass t and xt (forward_process): draws and input checks stay outside the graph."""
         eager = not torch.compiler.is_compiling()
         if eager:
             self._check_tokens(x0, 'x0')
             if (x0 == self.config.mask_id).any():
                 raise ValueError(f'x0 contains the mask id {self.config.mask_id}: clean data must not hold the mask '
                                  f'token (prepare the data with this model\'s tokenizer)')
+            if xt is not None:
+                self._check_tokens(xt, 'xt', like=x0)
+        if t is None and xt is not None:
+            raise ValueError('xt was given without its noise level t: pass both, or neither')
         B, L = x0.shape
-        bs = self.config.block_size
         interval = FULL_INTERVAL if interval is None else interval
         if t is None:
-            if xt is not None:
-                raise ValueError('xt was given without its noise level t: pass both, or neither')
             t, xt = self.forward_process(x0, interval, schedule, antithetic, resample, generator)
         t = self._expand_t(t, B, L, check=eager)
         move_chance, weight = noise_schedule(t, schedule)
         if xt is None:
-            xt = q_xt(x0, move_chance, self.config.mask_id, bs, interval if resample else None, generator=generator)
-        elif eager:
-            self._check_tokens(xt, 'xt')
-            if xt.shape != x0.shape:
-                raise ValueError(f'xt and x0 must have the same shape, got {tuple(xt.shape)} and {tuple(x0.shape)}')
+            xt = q_xt(x0, move_chance, self.config.mask_id, self.config.block_size, interval if resample else None,
+                      generator=generator)
         c = self.cond(move_chance[:, 0], B)                            # (B, cond_dim) or None
         h = self.train_hidden(xt, x0, c)                               # (B, L, D)
         # SUBS: unmasked tokens are copied, so they contribute exactly 0 and need no logits.
         masked = xt == self.config.mask_id
         masked[:, 0] = False
-        if eager:
-            # Only the masked positions (about a quarter of the 2L) go through the vocabulary projection.
+        if eager:   # only the masked positions (about a quarter of the 2L) go through the vocabulary projection
             rows = masked.nonzero(as_tuple=True)
             logits = self.output_layer(h[rows], None if c is None else c[rows[0]])   # (N, V)
             nll = -subs_log_probs(logits, self.config.mask_id).gather(-1, x0[rows][:, None]).squeeze(-1)  # (N,)
             per_token = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
             per_token[rows] = weight[rows].to(nll.dtype) * nll
-        else:
-            # Compiled: the gather above has a data-dependent shape, which breaks the graph and recompiles
-            # as the number of masked tokens changes. Project every position instead and zero the unmasked
-            # ones: fixed shapes, one graph, the same numbers (the cost is measured in README).
+        else:       # compiled: every position, the unmasked ones zeroed: fixed shapes, one graph, same numbers
             logits = self.output_layer(h, None if c is None else c[:, None])           # (B, L, V)
             nll = -subs_log_probs(logits, self.config.mask_id).gather(-1, x0[..., None]).squeeze(-1)
             per_token = torch.where(masked, weight.to(nll.dtype) * nll, torch.zeros_like(nll))
-        if reduction == 'none':
-            return per_token
-        if reduction != 'mean':
+        if reduction not in ('mean', 'none'):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        return per_token[:, 1:].sum() / (B * (L - 1))
+        return per_token if reduction == 'none' else per_token[:, 1:].sum() / (B * (L - 1))
 
     def forward_process(self, x0, interval=None, schedule='loglinear', antithetic=True, resample=False,
                         generator=None):
@@ -585,7 +527,8 @@ class BD3LM(nn.Module):
         if t.shape == (B, L // bs) and bs > 1:
             t = t.repeat_interleave(bs, dim=1)
         if t.shape != (B, L):
-            raise ValueError(f't must have shape (B, L)={B, L} or (B, L // block_size)={B, L // bs}, got {tuple(t.shape)}')
+            raise ValueError(f't must have shape (B, L) = {B, L} or (B, L // block_size) = {B, L // bs}, '
+                             f'got {tuple(t.shape)}')
         if check and not ((t > 0) & (t <= 1)).all():  # also catches NaN
             raise ValueError('t must lie in (0, 1] (no NaN): the loss weight 1/t is infinite at t = 0')
         return t
@@ -614,30 +557,43 @@ def subs_log_probs(logits, mask_id):
     return logits.log_softmax(dim=-1)
 
 
-def _flex_attention(q, k, v, block_mask):
-    from torch.nn.attention.flex_attention import flex_attention
-    global _compiled_flex
-    if q.is_cuda:  # compiled once; on CPU the unfused reference implementation is used
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask)
-    import warnings
-    with warnings.catch_warnings():
+@functools.lru_cache(maxsize=16)   # masks depend on shapes only: built once, reused by every step
+def attention_masks(train_mask_mod, L, block_size, window, device, flex):
+    """The training mask over 2L positions (train_mask_mod given) or the inference mask over L."""
+    if train_mask_mod is None:
+        n, mask_mod = L, lambda b, h, q, kv: block_causal_mask_mod(q, kv, block_size, window)
+    else:
+        n, mask_mod = 2 * L, lambda b, h, q, kv: train_mask_mod(q, kv, L, block_size)
+    idx = torch.arange(n, device=device)
+    dense = mask_mod(None, None, idx[:, None], idx[None, :])
+    if not flex:
+        return dense, None
+    from torch.nn.attention.flex_attention import create_block_mask
+    return dense, create_block_mask(mask_mod, None, None, n, n, device=device)
+
+
+def flex_attention(q, k, v, block_mask):
+    """FlexAttention: compiled on CUDA (once), the unfused reference implementation on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if q.is_cuda:
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    with warnings.catch_warnings():       # "called without torch.compile": on CPU that is the point
         warnings.simplefilter('ignore')
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex(q, k, v, block_mask=block_mask)
 
 
-_compiled_flex = None
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex, dynamic=False)
 
 # -----------------------------------------------------------------------------
 # 6. The clipped-schedule search
 
 @torch.no_grad()
 def nelbo_variance(model, batches, interval, schedule='loglinear', resample=False, generator=None):
-    """Variance of the per-block NELBO estimate when t ~ U[interval], measured with the estimator training
-    uses (pass resample=True when training resamples). For each batch, the per-token NELBO terms are
-    averaged within each block and the variance is taken over all (sequence, block) estimates; the result
-    is the mean over batches (the quantity Sec. 5.2 minimises)."""
+    """The quantity Sec. 5.2 minimises: the variance, over all (sequence, block) pairs, of the per-block NELBO
+    estimate with t ~ U[interval] (resample=True if training resamples), averaged over batches."""
     bs = model.config.block_size
     variances = []
     for x0 in batches:
@@ -662,11 +618,10 @@ def clip_intervals(widths, delta=0.05, eps=EPS):
 
 def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, schedule='loglinear',
                          resample=False, generator=None):
-    """The data-driven clipped schedule: among candidate intervals, pick the [beta, omega] that
-    minimises the variance of the NELBO estimate on `batches`. Returns (best, {interval: variance}).
-    Block size 1 has two candidates, as in bd3lms: the full interval and t = 1, where every token is
-    masked with weight 1, i.e. the exact autoregressive loss (zero noise variance), so AR-like models
-    train as AR models once the search has run."""
+    """The data-driven clipped schedule: the candidate [beta, omega] that minimises the variance of the NELBO
+    estimate on `batches`. Returns (best, {interval: variance}). Block size 1 has two candidates: the full
+    interval and t = 1, where every token is masked with weight 1: the exact autoregressive loss, with no
+    noise variance, so AR-like models train as AR models once the search has run."""
     if not batches:
         raise ValueError('the clipped-schedule search needs at least one batch of validation data')
     candidates = [FULL_INTERVAL, (1.0, 1.0)] if model.config.block_size == 1 else clip_intervals(widths, delta)
@@ -676,25 +631,23 @@ def search_clip_interval(model, batches, widths=(0.25, 0.5, 0.75), delta=0.05, s
 # -----------------------------------------------------------------------------
 # 7. Sampler (Alg. 2)
 #
-# Blocks left to right. A block starts masked (after any prompt tokens it holds); each model call runs the
-# noisy block over the clean prefix and proposes a token at every masked position, and an unmasking rule
-# says which of them to reveal, never to change again. A finished block then goes into the KV cache at
-# t = 0. Block boundaries fall at multiples of block_size from position 0 (a prompt ending mid-block leaves
-# the rest of that block to generate); past model_length each block sees the last model_length tokens. With
-# time conditioning the uncached call conditions the prefix on the block's t, the cache holds it at t = 0
-# (the released models have none). This is
-# the plain sampler: bd3lm_tools/engine.py gives the same tokens faster (one pass per call, a ring cache, a
-# compiled call, per-row settings, speculative decoding, continuous batching).
+# Blocks left to right, at multiples of block_size from position 0. A block starts masked (but for prompt
+# tokens it holds); each model call runs it over the clean prefix and proposes a token at every masked
+# position; an unmasking rule reveals some, never to change again. The finished block goes into the KV cache
+# at t = 0. Past model_length a block sees the last model_length tokens. (With time conditioning the uncached
+# call conditions the prefix on the block's t; the released models have none.) bd3lm_tools/engine.py gives
+# the same tokens faster: one pass per call, a ring cache, a compiled call, per-row settings, speculative
+# decoding, continuous batching.
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=None, temperature=1.0,
              top_p=1.0, nucleus='standard', kv_cache=True, generator=None, stop_at_eos=False,
              stop_entropy=None, eos_id=None, on_block=None):
-    """idx: (B, P) prompt ids (P >= 1; start it with config.bos_id, as the models were trained) -> (B, P + max_new_tokens) ids. docs/sampling.md.
+    """idx (B, P): prompt ids, starting with config.bos_id -> (B, P + max_new_tokens) ids (docs/sampling.md).
     rule: a name in RULES, knob its setting, order how it ranks positions (default: the rule's own);
-    temperature (0 = greedy) and top_p (nucleus; nucleus='bd3lms' drops the token crossing top_p); one
-    setting for the whole batch. stop_at_eos / stop_entropy end a row early (apply_stops); ended rows are
-    filled with eos_id. on_block(x, end) is called after each block with the tokens so far."""
+    temperature (0 = greedy), top_p (nucleus='bd3lms' drops the token crossing top_p); one setting for the
+    batch. stop_at_eos / stop_entropy end a row early, filled with eos_id (apply_stops). on_block(x, end) is
+    called after each block with the tokens so far."""
     s = check_generate(model.config, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus,
                        generator, stop_entropy, eos_id)
     bs, mask_id, (B, P) = model.config.block_size, model.config.mask_id, idx.shape
@@ -763,25 +716,23 @@ class KVCache:
         self.k, self.v = [None] * model.config.n_layers, [None] * model.config.n_layers
         self.keep = model.config.model_length - model.config.block_size
 
-    def attend(self, layer, q, k, v):
-        """A noisy block's attention: to the cached prefix, and both ways inside the block."""
+    def attend(self, layer, q, k, v, mask=None, store=False):
+        """Attention of new positions to the cached prefix and to each other (all of them: a noisy block sees
+        itself both ways; or under mask). store=True: the new keys join the cache."""
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-        return F.scaled_dot_product_attention(q, k, v)
+        if store:
+            start = max(k.shape[2] - self.keep, 0)                  # the window: what later blocks may see
+            self.k[layer], self.v[layer] = k[:, :, start:], v[:, :, start:]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def write(self, model, x, lo):
         """Run clean blocks x (B, T) at positions lo.. at t = 0 and keep their keys: each block sees the blocks
         before it in the window (block_causal_mask_mod over absolute positions)."""
         n = 0 if self.k[0] is None else self.k[0].shape[2]
-        q, kv = torch.arange(lo, lo + x.shape[1], device=x.device), torch.arange(lo - n, lo + x.shape[1], device=x.device)
+        q, kv = (torch.arange(start, lo + x.shape[1], device=x.device) for start in (lo, lo - n))
         mask = block_causal_mask_mod(q[:, None], kv[None], model.config.block_size, model.config.model_length)
-
-        def attend(layer, q_, k, v):
-            if self.k[layer] is not None:
-                k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-            self.k[layer], self.v[layer] = k[:, :, max(k.shape[2] - self.keep, 0):], v[:, :, max(v.shape[2] - self.keep, 0):]
-            return F.scaled_dot_product_attention(q_, k, v, attn_mask=mask)
-        model.transformer(x, q, model.cond(None, len(x)), attend)
+        model.transformer(x, q, model.cond(None, len(x)), functools.partial(self.attend, mask=mask, store=True))
 
 
 class Proposal:

@@ -46,6 +46,18 @@ def test_block_causal_mask_matches_loop():
     assert torch.equal(bd3lm.block_causal_mask(12, 4), bd3lm.block_diff_mask(12, 4)[12:, 12:])
 
 
+
+def test_the_models_masks_are_right_at_every_length_and_few_are_kept():
+    # The inference mask of length T is cut from one kept per power of 2: each cut must be the mask of T (banded
+    # past model_length), and sweeping many lengths (an uncached sampler's growing prefix) keeps few masks.
+    model = random_model(block_size=4, model_length=16)
+    bd3lm.attention_masks.cache_clear()
+    for T in range(4, 200, 4):
+        dense, _ = model.attention_mask('infer', T)
+        assert torch.equal(dense, bd3lm.block_causal_mask(T, 4, 16)), T
+    assert bd3lm.attention_masks.cache_info().currsize <= 5
+    assert torch.equal(model.attention_mask('train', 16)[0], bd3lm.block_diff_mask(16, 4))
+
 @pytest.mark.parametrize('overrides', CONFIGS)
 def test_vectorized_training_pass_equals_blockwise_definition(overrides):
     model = random_model(**overrides)
