@@ -176,8 +176,8 @@ class DDiTBlock(nn.Module):
             self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
     def forward(self, x, mod, rotary, attn):
-        # x: (B, T, D); mod: self.adaLN_modulation(c), (B, 1, 6 D), or None; rotary: (cos, sin), each (T, head_dim);
-        # attn(q, k, v) -> (B, H, T, head_dim): the attention itself (masked SDPA, a KV cache's, SGLang's)
+        # x: (B, T, D); mod: self.adaLN_modulation(c), (B, 1, 6 D), or None; rotary: (cos, sin), each (T, head_dim)
+        # or (B, T, head_dim); attn(q, k, v) -> (B, H, T, head_dim): the attention (masked SDPA, a KV cache's, SGLang's)
         if self.adaln:
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
             h = modulate(self.norm1(x), shift1, scale1)
@@ -375,7 +375,8 @@ class BD3LM(nn.Module):
     def forward(self, xt, x0=None, t=None):
         """model(xt, x0): the training pass over cat([xt, x0]) under the block-diffusion mask -> logits (B, L, V)
         of the xt half. model(x): the inference pass, clean blocks then a (partly) masked one, under the
-        block-causal mask -> logits (B, T, V). t: (B,) noise level, read only with time_conditioning."""
+        block-causal mask -> logits (B, T, V). t: (B,) move chance 1 - alpha_t (= t, loglinear), read only with
+        time_conditioning."""
         self._check_tokens(xt, 'xt' if x0 is not None else 'x')
         c = self.cond(t, xt.shape[0])
         if x0 is not None:
@@ -390,9 +391,9 @@ class BD3LM(nn.Module):
         if not self.config.adaln:
             return None
         device = self.sampling_eps_min.device
-        if t is not None and self.config.time_conditioning:
-            return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
-        return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
+        if t is None or not self.config.time_conditioning:
+            return F.silu(self.sigma_map(torch.zeros(batch_size, device=device)))
+        return F.silu(self.sigma_map(sigma_from_move_chance(torch.as_tensor(t, device=device).float())))
 
     def modulations(self, c):
         """Each layer's adaLN shifts, scales and gates of c (B, cond_dim): a list of (B, 1, 6 D), or of None."""
@@ -435,14 +436,15 @@ class BD3LM(nn.Module):
         (train_mask_mod) or the 'infer' pass over L (block_causal_mask_mod)."""
         cfg, device, flex = self.config, self.vocab_embed.embedding.device, self.attn_backend == 'flex'
         if kind == 'train':
-            return attention_masks(self.train_mask_mod, L, cfg.block_size, cfg.model_length, device, flex)
-        # A shorter sequence's inference mask is the top-left corner of a longer one's: one per power of 2.
+            return build_masks(self.train_mask_mod, L, cfg.block_size, cfg.model_length, device, flex)
+        # A shorter sequence's inference mask is the top-left corner of a longer one's: with SDPA one mask per
+        # power of 2 serves every length (FlexAttention's BlockMask is built for its exact length).
         n = L if flex else max(cfg.model_length, 1 << (L - 1).bit_length())
-        dense, block_mask = attention_masks(None, n, cfg.block_size, cfg.model_length, device, flex)
+        dense, block_mask = build_masks(None, n, cfg.block_size, cfg.model_length, device, flex)
         return dense[:L, :L], block_mask
 
     def _check_tokens(self, x, name, like=None):
-        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.long, torch.int32, torch.int64) or x.dim() != 2:
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int32, torch.int64) or x.dim() != 2:
             raise ValueError(f'{name} must be a 2-D integer tensor of token ids (B, L), got '
                              f'{getattr(x, "dtype", type(x))} with shape {tuple(getattr(x, "shape", ()))}')
         if like is not None and x.shape != like.shape:
@@ -467,6 +469,8 @@ class BD3LM(nn.Module):
         xt: (B, L) noisy tokens; drawn from q(xt | x0, t) if None.
         reduction: 'mean' (over all positions but the first) or 'none' ((B, L) per-token terms).
         Under torch.compile pass t and xt (forward_process): draws and input checks stay outside the graph."""
+        if reduction not in ('mean', 'none'):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         eager = not torch.compiler.is_compiling()
         if eager:
             self._check_tokens(x0, 'x0')
@@ -501,8 +505,6 @@ class BD3LM(nn.Module):
             logits = self.output_layer(h, None if c is None else c[:, None])           # (B, L, V)
             nll = -subs_log_probs(logits, self.config.mask_id).gather(-1, x0[..., None]).squeeze(-1)
             per_token = torch.where(masked, weight.to(nll.dtype) * nll, torch.zeros_like(nll))
-        if reduction not in ('mean', 'none'):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         return per_token if reduction == 'none' else per_token[:, 1:].sum() / (B * (L - 1))
 
     def forward_process(self, x0, interval=None, schedule='loglinear', antithetic=True, resample=False,
@@ -524,7 +526,7 @@ class BD3LM(nn.Module):
     def _expand_t(self, t, B, L, check=True):
         bs = self.config.block_size
         t = torch.as_tensor(t, dtype=torch.float32, device=self.sampling_eps_min.device)
-        if t.shape == (B, L // bs) and bs > 1:
+        if t.shape == (B, L // bs):
             t = t.repeat_interleave(bs, dim=1)
         if t.shape != (B, L):
             raise ValueError(f't must have shape (B, L) = {B, L} or (B, L // block_size) = {B, L // bs}, '
@@ -558,8 +560,9 @@ def subs_log_probs(logits, mask_id):
 
 
 @functools.lru_cache(maxsize=16)   # masks depend on shapes only: built once, reused by every step
-def attention_masks(train_mask_mod, L, block_size, window, device, flex):
-    """The training mask over 2L positions (train_mask_mod given) or the inference mask over L."""
+def build_masks(train_mask_mod, L, block_size, window, device, flex):
+    """(dense, BlockMask or None): the training mask over 2L positions (train_mask_mod given), or (None) the
+    inference mask over L."""
     if train_mask_mod is None:
         n, mask_mod = L, lambda b, h, q, kv: block_causal_mask_mod(q, kv, block_size, window)
     else:
@@ -664,9 +667,10 @@ def generate(model, idx, max_new_tokens, rule='first_hitting', knob=None, order=
         if not masked.any():
             break
         x[:, lo:lo + bs] = denoise_block(model, x, lo, masked, cache, s, generator)
-        apply_stops(x, done, lengths, P, min(lo + bs, total), stop_at_eos, stop_entropy, s.eos_id)
+        end = min(lo + bs, total)
+        apply_stops(x, done, lengths, P, end, stop_at_eos, stop_entropy, s.eos_id)
         if on_block is not None:
-            on_block(x[:, :min(lo + bs, total)], min(lo + bs, total))
+            on_block(x[:, :end], end)
         if done.all():
             break
         if cache is not None:
@@ -730,9 +734,11 @@ class KVCache:
         """Run clean blocks x (B, T) at positions lo.. at t = 0 and keep their keys: each block sees the blocks
         before it in the window (block_causal_mask_mod over absolute positions)."""
         n = 0 if self.k[0] is None else self.k[0].shape[2]
-        q, kv = (torch.arange(start, lo + x.shape[1], device=x.device) for start in (lo, lo - n))
-        mask = block_causal_mask_mod(q[:, None], kv[None], model.config.block_size, model.config.model_length)
-        model.transformer(x, q, model.cond(None, len(x)), functools.partial(self.attend, mask=mask, store=True))
+        positions = torch.arange(lo, lo + x.shape[1], device=x.device)
+        kv_positions = torch.arange(lo - n, lo + x.shape[1], device=x.device)     # the cached prefix, then x
+        mask = block_causal_mask_mod(positions[:, None], kv_positions[None], model.config.block_size,
+                                     model.config.model_length)
+        model.transformer(x, positions, model.cond(None, len(x)), functools.partial(self.attend, mask=mask, store=True))
 
 
 class Proposal:
@@ -757,7 +763,7 @@ class Proposal:
         if s.temperature == 0:                                    # greedy: all mass on the most likely token
             self.law = F.one_hot(logits.argmax(-1), logits.shape[-1]).double()
         else:
-            self.law = (logits / s.temperature if s.temperature != 1 else logits).softmax(-1)
+            self.law = (logits / s.temperature).softmax(-1)
         if s.top_p < 1:
             self.law = nucleus(self.law, s.top_p, s.nucleus)
         self.tokens = sample_categorical(self.law, u)
@@ -771,8 +777,8 @@ class Proposal:
 #
 # rule(p, knob) -> reveal: p the call's Proposal, knob (B,) float64 the rows' setting, reveal (B, bs) bool the
 # masked positions to reveal (their tokens: p.tokens). A row that reveals nothing reveals p.leading. Register
-# a rule in RULES; optional attributes: rule.knob (its range; None: it takes none), rule.order (its default
-# order), rule.orders (the orders it accepts).
+# a rule in RULES; optional attributes: rule.knob = (low, high), its range (an int low: integer knobs; None:
+# the rule takes no knob), rule.order (its default order), rule.orders (the orders it accepts).
 
 
 def first_hitting(p, knob):
@@ -790,13 +796,14 @@ def steps(p, K):
 
 
 def threshold(p, tau):
-    # Fast-dLLM (Wu et al. 2025): every masked position whose confidence is >= tau (none: the most confident).
+    # Fast-dLLM (Wu et al. 2025): every masked position whose confidence is >= tau (none: p.leading, by default
+    # the most confident).
     return p.masked & (p.confidence >= tau[:, None])
 
 
 def entropy_bound(p, gamma):
-    # The EB-sampler (Ben-Hamu et al. 2025): the longest prefix of the masked positions, lowest entropy
-    # first, whose entropies sum to at most gamma plus the largest of them: sum H - max H <= gamma.
+    # The EB-sampler (Ben-Hamu et al. 2025): the longest prefix of the masked positions in the order (by default
+    # lowest entropy first) whose entropies sum to at most gamma plus the largest of them: sum H - max H <= gamma.
     ranked = p.priority.masked_fill(~p.masked, -math.inf).argsort(-1, descending=True)
     h = p.entropy.gather(-1, ranked).masked_fill(~p.masked.gather(-1, ranked), math.inf)
     return first(p.priority, p.masked, (h.cumsum(-1) - h.cummax(-1).values <= gamma[:, None]).sum(-1))

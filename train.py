@@ -342,7 +342,7 @@ class ema_weights:
     def __enter__(self):
         if ema_params is not None:
             self.raw = [p.detach().clone() for p in model.parameters()]
-            with torch.no_grad():       # (not p.data.copy_: that would hide the change from bd3lm's cond cache)
+            with torch.no_grad():
                 for p, e in zip(model.parameters(), ema_params):
                     p.copy_(e)
 

@@ -26,7 +26,7 @@ args = p.parse_args()
 
 MODEL = {'LayerNorm', 'Rotary', 'TimestepEmbedder', 'EmbeddingLayer', 'DDiTBlock', 'DDiTFinalLayer', 'BD3LM',
          'KVCache', 'Versions'}   # (Versions: an older checkout's cache view)
-LAYERS = {'apply_rotary', 'modulate', 'flex_attention', '_flex_attention', 'attention_masks', 'block_causal_mask_mod',
+LAYERS = {'apply_rotary', 'modulate', 'flex_attention', 'compiled_flex_attention', 'build_masks', 'block_causal_mask_mod',
           'block_diff_mask_mod'}
 if args.sampler == 'engine':
     from bd3lm_tools import engine  # noqa: E402

@@ -3,11 +3,13 @@ The samplers against each other in one sitting: the engine (bd3lm_tools/engine.p
 (bd3lm.generate), optionally the engine's compiled call and an older checkout's sampler. Each turn runs in
 its own process (each checkout imports its own bd3lm), the order alternating between rounds. Per turn, at two
 sizes, first-hitting with the KV cache, blocks of 4, batch 1, BOS then N tokens:
-  - tokens/s and ms per model call, the fastest of --repeats runs (the machine's noise only adds);
-  - torch operators dispatched per call, counted: the host work, repeatable on a busy machine (not for the
-    compiled call).
-Sizes: 4 layers x 256 wide with GPT-2's vocabulary and context 1024 (the paper's CPU benchmark size), and a
-toy model (2 x 32, vocabulary 37) where the sampler's own host work is nearly all of a call.
+  - tokens/s and ms per token, the fastest of --repeats runs after a warm-up run (noise only adds);
+  - torch operators dispatched per token, counted: the work, repeatable on a busy machine (not for the
+    compiled call). The engine makes one model pass per token here; the textbook 1.25 (a pass per block
+    to write the finished block into its cache);
+  - a hash of the tokens: every sampler must give the same ones.
+Sizes: 4 layers x 256 wide with GPT-2's vocabulary and context 1024, and a toy model (2 x 32, vocabulary 37)
+where the sampler's own host work is nearly all of a call.
 
     OMP_NUM_THREADS=1 python benchmarks/sampler_speed.py --rounds=3
     OMP_NUM_THREADS=1 python benchmarks/sampler_speed.py --old=/path/to/older/checkout --compile=1
@@ -62,7 +64,7 @@ def measure(sampler, root):
         model = bd3lm.BD3LM(bd3lm.BD3LMConfig(block_size=4, model_length=1024, dropout=0.0, **shape)).eval()
         idx = torch.full((1, 1), model.config.bos_id)
         run = lambda: generate(model, idx, args.tokens, generator=torch.Generator().manual_seed(1))  # noqa: E731
-        generate(model, idx, 16, generator=torch.Generator().manual_seed(0))      # warm-up (and compilation)
+        out = run()                                     # warm-up (and compilation)
         dt = math.inf
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -72,8 +74,9 @@ def measure(sampler, root):
         if sampler != 'compiled':                       # (a dispatch mode turns compilation off: not counted)
             with Count():
                 run()
-        result[size] = {'tokens/s': args.tokens / dt, 'ms/call': 1e3 * dt / args.tokens,    # one call per token
-                        'ops/call': Count.n / args.tokens if Count.n else math.nan}
+        result[size] = {'tokens/s': args.tokens / dt, 'ms/token': 1e3 * dt / args.tokens,
+                        'ops/token': Count.n / args.tokens if Count.n else math.nan,
+                        'tokens': hash(tuple(out.flatten().tolist())), 'threads': torch.get_num_threads()}
     return result
 
 
@@ -95,11 +98,13 @@ for r in range(args.rounds):
         runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
 print(f'{args.rounds} rounds, BOS + {args.tokens} tokens per run (fastest of {args.repeats}), first-hitting, KV cache, '
-      f'blocks of 4, batch 1, OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}; medians over rounds')
+      f'blocks of 4, batch 1, {runs["engine"][0][next(iter(SIZES))]["threads"]} torch threads; medians over rounds')
 for size in SIZES:
-    med = {name: {k: statistics.median(run[size][k] for run in runs[name]) for k in runs[name][0][size]} for name in runs}
-    print(f'  {size}')
+    med = {name: {k: statistics.median(run[size][k] for run in runs[name]) for k in ('tokens/s', 'ms/token', 'ops/token')}
+           for name in runs}
+    same = len({run[size]['tokens'] for name in runs for run in runs[name]}) == 1
+    print(f'  {size}: {"the same tokens from every sampler" if same else "THE SAMPLERS GAVE DIFFERENT TOKENS"}')
     for name in runs:
         ratio = f'   engine / {name} {med["engine"]["tokens/s"] / med[name]["tokens/s"]:.3f}x' if name != 'engine' else ''
-        print(f'    {name:9s} {med[name]["tokens/s"]:8.1f} tokens/s {med[name]["ms/call"]:7.2f} ms/call '
-              f'{med[name]["ops/call"]:7.1f} torch ops/call{ratio}')
+        print(f'    {name:9s} {med[name]["tokens/s"]:8.1f} tokens/s {med[name]["ms/token"]:7.2f} ms/token '
+              f'{med[name]["ops/token"]:7.1f} torch ops/token{ratio}')

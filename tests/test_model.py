@@ -51,11 +51,11 @@ def test_the_models_masks_are_right_at_every_length_and_few_are_kept():
     # The inference mask of length T is cut from one kept per power of 2: each cut must be the mask of T (banded
     # past model_length), and sweeping many lengths (an uncached sampler's growing prefix) keeps few masks.
     model = random_model(block_size=4, model_length=16)
-    bd3lm.attention_masks.cache_clear()
+    bd3lm.build_masks.cache_clear()
     for T in range(4, 200, 4):
         dense, _ = model.attention_mask('infer', T)
         assert torch.equal(dense, bd3lm.block_causal_mask(T, 4, 16)), T
-    assert bd3lm.attention_masks.cache_info().currsize <= 5
+    assert bd3lm.build_masks.cache_info().currsize <= 5
     assert torch.equal(model.attention_mask('train', 16)[0], bd3lm.block_diff_mask(16, 4))
 
 @pytest.mark.parametrize('overrides', CONFIGS)
@@ -263,9 +263,9 @@ def test_a_generation_computes_the_constant_modulation_once():
     assert stats['nfe'] == 15 and len(calls) == 1 + 3          # blocks 2, 3 and 4 carry a finished block
 
 
-def test_the_cached_conditioning_is_not_kept_from_autocast():
-    """A no-grad call under bfloat16 autocast (train.py's evaluation) must not leave bfloat16 modulations for
-    the float32 calls after it (sampling)."""
+def test_a_call_under_autocast_leaves_nothing_for_the_calls_after_it():
+    """A no-grad call under bfloat16 autocast (train.py's evaluation) must leave nothing (no bfloat16 conditioning
+    or masks) that the float32 calls after it (sampling) would use."""
     model = random_model().eval()
     twin = copy.deepcopy(model)                     # the same weights, never called under autocast
     x = random_tokens(model)
