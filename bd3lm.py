@@ -894,13 +894,14 @@ def check_generate(config, idx, max_new_tokens, rule='first_hitting', knob=None,
     order = order or getattr(fn, 'order', 'confidence')
     if order not in getattr(fn, 'orders', ORDERS):
         raise ValueError(f'order must be one of {getattr(fn, "orders", ORDERS)} for rule {rule!r}, got {order!r}')
-    knob, spec = scalar(knob), getattr(fn, 'knob', ...)          # ...: the rule declares no range
-    if spec is None or (spec is ... and knob is None):
+    knob = scalar(knob)
+    spec = getattr(fn, 'knob', None if knob is None else (-math.inf, math.inf))   # no range declared: any number
+    if spec is None:
         if knob is not None:
             raise ValueError(f'knob: rule {rule!r} takes no knob, got {knob!r}')
         knob = 0.0
     else:
-        low, high = (-math.inf, math.inf) if spec is ... else spec
+        low, high = spec
         integer = isinstance(low, int)
         if not ((number(knob, int if integer else (int, float)) or (knob == math.inf and not integer))
                 and low <= knob <= high):

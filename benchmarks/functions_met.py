@@ -1,14 +1,15 @@
 """
-How many functions of bd3lm.py a reader meets: every function (methods included) that one generation runs,
-counted with sys.setprofile, and those outside the model itself (the layers of section 2, BD3LM's methods,
-the KV cache's methods, which the transformer calls). Run in the checkout it is started from, so the same
-command measures an older one.
+The size of bd3lm.py (lines; def and class statements) and how many of its functions a reader meets: every
+function (methods included) that one generation runs, counted with sys.setprofile, and those outside the model
+itself (the layers of section 2, BD3LM's methods, the KV cache's methods, which the transformer calls). Run
+in the checkout it is started from, so the same command measures an older one.
 
     python benchmarks/functions_met.py                      # bd3lm.generate, first-hitting, with the cache
     python benchmarks/functions_met.py --sampler=engine     # bd3lm_tools.engine.generate
     python benchmarks/functions_met.py --rule=threshold --knob=0.5
 """
 import argparse
+import ast
 import os
 import sys
 
@@ -57,3 +58,6 @@ print(f'{args.sampler} sampler, {args.rule} (cached, prompt {args.prompt}, 20 to
       f'functions of bd3lm.py met, methods included; {len(met)} outside the model and its layers:')
 print('  ' + ', '.join(sorted(met)))
 print('  every one: ' + ', '.join(sorted(every)))
+source = open(path).read()
+defs = sum(isinstance(node, (ast.FunctionDef, ast.ClassDef)) for node in ast.walk(ast.parse(source)))
+print(f'bd3lm.py: {len(source.splitlines())} lines, {defs} def and class statements (nested ones included)')
