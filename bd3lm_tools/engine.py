@@ -500,14 +500,13 @@ class Sampling:
 
     def __init__(self, model, B, rule='first_hitting', knob=None, order=None, temperature=1.0, top_p=1.0,
                  nucleus='standard'):
-        groups, rows, device = {}, [], model.vocab_embed.embedding.device    # (rule, order) -> its rows
-        settings, checked = dict(rule=rule, knob=knob, order=order, temperature=temperature, top_p=top_p), {}
-        for r, setting in enumerate(zip(*(per_row(n, v, B) for n, v in settings.items()))):
-            key = tuple(map(repr, setting))                          # each distinct setting checked once
-            if key not in checked:
-                checked[key] = bd3lm.check_generate(None, None, None, *setting, nucleus, rules=rules())
-            rows.append(checked[key])
-            groups.setdefault((setting[0], rows[-1].order), []).append(r)
+        groups, device = {}, model.vocab_embed.embedding.device          # (rule, order) -> its rows
+        settings = dict(rule=rule, knob=knob, order=order, temperature=temperature, top_p=top_p)
+        settings = list(zip(*(per_row(n, v, B) for n, v in settings.items())))
+        rows = check_each(settings, lambda setting: bd3lm.check_generate(None, None, None, *setting, nucleus,
+                                                                          rules=rules()))
+        for r, (setting, row) in enumerate(zip(settings, rows)):
+            groups.setdefault((setting[0], row.order), []).append(r)
         as_tensor = lambda field: torch.tensor([getattr(x, field) for x in rows], dtype=torch.float64, device=device)
         self.knob, self.temperature, self.top_p = as_tensor('knob'), as_tensor('temperature'), as_tensor('top_p')
         self.nucleus = nucleus
@@ -533,17 +532,23 @@ def per_row(name, value, B):
     return values
 
 
+def check_each(values, check):
+    """[check(v) for v in values], each distinct value (by repr: values may be unhashable) checked once."""
+    done = {}
+    for v in values:
+        if repr(v) not in done:
+            done[repr(v)] = check(v)
+    return [done[repr(v)] for v in values]
+
+
 def check_generate(model, idx, max_new_tokens, rule, knob, order, temperature, top_p, nucleus, generator,
                    stop_entropy, eos_id):
     """generate's arguments checked (bd3lm.check_generate, row by row): -> (Sampling, each row's end, eos_id)."""
     single = None if isinstance(generator, (list, tuple)) else generator
     s = bd3lm.check_generate(model.config, idx, 1, generator=single, stop_entropy=stop_entropy, eos_id=eos_id)
     B, P = idx.shape
-    new, checked = per_row('max_new_tokens', max_new_tokens, B), {}
-    for n in new:                                                    # each distinct length checked once
-        if repr(n) not in checked:
-            checked[repr(n)] = bd3lm.check_generate(model.config, idx[:1], n).new
-    new = [checked[repr(n)] for n in new]
+    new = check_each(per_row('max_new_tokens', max_new_tokens, B),
+                     lambda n: bd3lm.check_generate(model.config, idx[:1], n).new)
     if isinstance(generator, (list, tuple)) and (len(generator) != B or
                                                  not all(isinstance(g, torch.Generator) for g in generator)):
         raise ValueError(f'generator must be a torch.Generator, None, or a list of one per row ({B} rows)')
